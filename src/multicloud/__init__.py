@@ -1,0 +1,100 @@
+"""multicloud: move batches of data across clouds and keep every byte durable.
+
+A batch goes through four stages (ingestion, processing, distribution, storage) on a
+cluster of nodes in several clouds, and can be restored byte-exact and verified later.
+"""
+
+from __future__ import annotations
+
+from multicloud.cluster.local import create_local_cluster
+from multicloud.cluster.registry import NodeRegistry, WorkerNode
+from multicloud.cluster.simulated import SimulatedTransport
+from multicloud.cluster.topology import Location, NetworkTopology
+from multicloud.cluster.transport import Transport
+from multicloud.config import (
+    ClusterConfig,
+    DistributionConfig,
+    IngestionConfig,
+    PipelineConfig,
+    ProcessingConfig,
+    StorageConfig,
+    load_config,
+)
+from multicloud.errors import (
+    ClusterError,
+    ConfigError,
+    InsufficientNodes,
+    IntegrityError,
+    MulticloudError,
+    NodeUnavailable,
+    RestoreError,
+    SourceError,
+    StorageError,
+    UnknownBatch,
+    ValidationFailed,
+)
+from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.pipeline.distribution import DistributionCoordinator
+from multicloud.pipeline.ingestion import DataIngestionEngine
+from multicloud.pipeline.orchestrator import PipelineOrchestrator
+from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.processing import ProcessingWorkerPool
+from multicloud.pipeline.storage import StorageManager
+from multicloud.types import (
+    Chunk,
+    DistributedChunk,
+    NodeStatus,
+    PipelineResult,
+    PipelineStatus,
+    ProcessedChunk,
+    RestoreReport,
+    StoredChunk,
+    VerifyReport,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chunk",
+    "ClusterConfig",
+    "ClusterError",
+    "ConfigError",
+    "DataIngestionEngine",
+    "DistributedChunk",
+    "DistributionConfig",
+    "DistributionCoordinator",
+    "IngestionConfig",
+    "InsufficientNodes",
+    "IntegrityError",
+    "Location",
+    "MulticloudError",
+    "NetworkAwarePlacement",
+    "NetworkTopology",
+    "NodeRegistry",
+    "NodeStatus",
+    "NodeUnavailable",
+    "PipelineConfig",
+    "PipelineMetrics",
+    "PipelineOrchestrator",
+    "PipelineResult",
+    "PipelineStatus",
+    "ProcessedChunk",
+    "ProcessingConfig",
+    "ProcessingWorkerPool",
+    "RestoreError",
+    "RestoreReport",
+    "SimulatedTransport",
+    "SourceError",
+    "StorageConfig",
+    "StorageError",
+    "StorageManager",
+    "StoredChunk",
+    "Transport",
+    "UnknownBatch",
+    "ValidationFailed",
+    "VerifyReport",
+    "WorkerNode",
+    "__version__",
+    "create_local_cluster",
+    "load_config",
+]

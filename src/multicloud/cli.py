@@ -1,0 +1,316 @@
+"""The `multicloud` command line: the only place that talks to the terminal.
+
+Every error the library raises on purpose is shown as one line (`error: ...`) with exit
+code 2; nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from multicloud.cluster.local import create_local_cluster
+from multicloud.cluster.registry import NodeRegistry
+from multicloud.config import PipelineConfig, load_config
+from multicloud.errors import MulticloudError
+from multicloud.pipeline.orchestrator import PipelineOrchestrator
+from multicloud.pipeline.storage import manifest_path
+from multicloud.types import PipelineResult
+from multicloud.units import format_bytes, parse_size
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_DATA_DIR = ".multicloud"
+
+
+class CliError(MulticloudError):
+    """A problem with the command line itself."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="multicloud",
+        description="Move batches of data across clouds and keep every byte durable.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("gen-data", help="write a realistic, deterministic dataset")
+    gen.add_argument("dest", type=Path, help="directory to create")
+    gen.add_argument("--size", default="1GiB", help="total size, e.g. 500MiB, 1GiB")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(handler=cmd_gen_data)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config-dir", type=Path, default=Path("config"),
+                       help="YAML config dir (missing files mean defaults)")
+        p.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR),
+                       help="where the embedded cluster keeps its nodes and manifest")
+
+    run = sub.add_parser("run", help="run the pipeline on a source directory or file")
+    run.add_argument("--source", required=True, help="directory or file (a bucket stand-in)")
+    run.add_argument("--batch-id", help="batch id (default: batch-<timestamp>)")
+    run.add_argument("--source-cloud", help="cloud the source lives in (default: from path)")
+    run.add_argument("--force-cross-cloud", action="store_true",
+                     help="guarantee a replica outside the source cloud")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    common(run)
+    run.set_defaults(handler=cmd_run)
+
+    restore = sub.add_parser("restore", help="rebuild a batch's files byte-exact")
+    restore.add_argument("batch_id")
+    restore.add_argument("--to", dest="dest", type=Path, required=True, help="destination dir")
+    restore.add_argument("--json", action="store_true")
+    common(restore)
+    restore.set_defaults(handler=cmd_restore)
+
+    verify = sub.add_parser("verify", help="check every replica of a batch")
+    verify.add_argument("batch_id")
+    verify.add_argument("--json", action="store_true")
+    common(verify)
+    verify.set_defaults(handler=cmd_verify)
+
+    batches = sub.add_parser("batches", help="list the batches the manifest knows")
+    batches.add_argument("--json", action="store_true")
+    common(batches)
+    batches.set_defaults(handler=cmd_batches)
+
+    cluster = sub.add_parser("cluster", help="inspect the cluster")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    status = cluster_sub.add_parser("status", help="nodes by cloud, health, chunks stored")
+    status.add_argument("--json", action="store_true")
+    common(status)
+    status.set_defaults(handler=cmd_cluster_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("multicloud").setLevel(logging.CRITICAL)
+    handler: Callable[[argparse.Namespace], Awaitable[int]] = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except MulticloudError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _open(args: argparse.Namespace) -> tuple[PipelineConfig, NodeRegistry]:
+    config = load_config(args.config_dir)
+    registry = create_local_cluster(args.data_dir, config=config.cluster, storage=config.storage)
+    return config, registry
+
+
+def _require_manifest(registry: NodeRegistry) -> None:
+    if not manifest_path(registry).exists():
+        raise CliError(f"no pipeline has run with data dir {registry.data_dir} yet: "
+                       f"run `multicloud run --source DIR --data-dir {registry.data_dir}` first")
+
+
+async def cmd_gen_data(args: argparse.Namespace) -> int:
+    """multicloud gen-data DIR --size 1GiB."""
+    from multicloud.datagen import generate_dataset
+
+    size = parse_size(args.size)
+    console = Console(stderr=True)
+    with console.status(f"writing {format_bytes(size)} to {args.dest} ..."):
+        summary = await asyncio.to_thread(generate_dataset, args.dest, size, args.seed)
+    console.print(f"wrote {summary.files} files, {format_bytes(summary.total_bytes)} "
+                  f"to {summary.root}")
+    return EXIT_OK
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    """multicloud run --source DIR."""
+    config, registry = _open(args)
+    orchestrator = PipelineOrchestrator(registry, config=config)
+    batch_config: dict[str, Any] = {"data_source": args.source,
+                                    "force_cross_cloud": args.force_cross_cloud}
+    if args.batch_id:
+        batch_config["batch_id"] = args.batch_id
+    if args.source_cloud:
+        batch_config["source_cloud"] = args.source_cloud
+    try:
+        if args.json or not sys.stderr.isatty():
+            result = await orchestrator.run_pipeline(batch_config)
+        else:
+            result = await _run_with_progress(orchestrator, batch_config)
+    finally:
+        await orchestrator.close()
+        await registry.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        _print_summary(Console(), result)
+    if result.status != "success":
+        if not args.json:
+            print(f"error: {result.error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+async def _run_with_progress(orchestrator: PipelineOrchestrator,
+                             batch_config: dict[str, Any]) -> PipelineResult:
+    console = Console(stderr=True)
+    stages = ("ingestion", "processing", "distribution", "storage")
+    with Progress(TextColumn("{task.description:<13}"), BarColumn(),
+                  TextColumn("{task.percentage:>5.1f}%"),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        tasks: dict[str, TaskID] = {
+            s: progress.add_task(s, total=1, detail="") for s in stages}
+
+        def refresh(_: PipelineOrchestrator | None = None) -> None:
+            total = max(orchestrator.total_bytes, 1)
+            for stage in stages:
+                done = orchestrator.metrics.stages[stage].bytes
+                if stage in ("distribution", "storage"):
+                    done = orchestrator.committed_bytes
+                progress.update(tasks[stage], total=total, completed=min(done, total),
+                                detail=f"{orchestrator.current_throughput:.1f} MB/s")
+
+        remove = orchestrator.add_progress_listener(refresh)
+        try:
+            result = await orchestrator.run_pipeline(batch_config)
+        finally:
+            remove()
+        refresh()
+    return result
+
+
+def _print_summary(console: Console, result: PipelineResult) -> None:
+    m = result.metrics
+    if result.status != "success":
+        return  # main() prints the one-line error
+    dist, storage = m["distribution"], m["storage"]
+    table = Table(title=f"batch {result.batch_id}: success", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    mb_s = result.bytes_processed / 1e6 / max(result.duration_seconds, 1e-9)
+    rows = [
+        ("files / chunks", f"{result.files} / {result.chunks_processed}"),
+        ("bytes", format_bytes(result.bytes_processed)),
+        ("duration", f"{result.duration_seconds:.2f} s"),
+        ("throughput", f"{mb_s:.1f} MB/s"),
+        ("replicas by cloud", ", ".join(
+            f"{cloud}: {u['replicas']} ({format_bytes(u['bytes'])})"
+            for cloud, u in storage["by_cloud"].items())),
+        ("cross-cloud transfers", f"{dist['cross_cloud_transfers']} "
+                                  f"({format_bytes(dist['cross_cloud_bytes'])})"),
+        ("egress cost", f"${dist['egress_cost_usd']:.4f}"),
+        ("replica success rate", f"{dist['replica_success_rate']:.4f}"),
+        ("under-replicated", str(storage["under_replicated"])),
+        ("failures handled", str(m["node_failures_handled"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    """multicloud restore BATCH --to DIR."""
+    config, registry = _open(args)
+    _require_manifest(registry)
+    orchestrator = PipelineOrchestrator(registry, config=config)
+    try:
+        report = await orchestrator.restore_batch(args.batch_id, args.dest)
+    finally:
+        await orchestrator.close()
+        await registry.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"restored {report.files_restored} files, {format_bytes(report.bytes_restored)} "
+              f"to {args.dest}; every chunk and file verified")
+        for problem in report.skipped_replicas:
+            print(f"skipped {problem.problem} replica of {problem.chunk_id[:16]} on "
+                  f"{problem.node_id}")
+    return EXIT_OK
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    """multicloud verify BATCH."""
+    config, registry = _open(args)
+    _require_manifest(registry)
+    orchestrator = PipelineOrchestrator(registry, config=config)
+    try:
+        report = await orchestrator.verify_batch(args.batch_id)
+    finally:
+        await orchestrator.close()
+        await registry.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"batch {args.batch_id}: {report.chunks} chunks, {report.replicas_ok}/"
+              f"{report.replicas_checked} replicas ok")
+        for p in report.problems:
+            print(f"{p.problem}: chunk {p.chunk_id[:16]} on {p.node_id} {p.detail}".rstrip())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def cmd_batches(args: argparse.Namespace) -> int:
+    """multicloud batches."""
+    config, registry = _open(args)
+    try:
+        _require_manifest(registry)
+        orchestrator = PipelineOrchestrator(registry, config=config)
+        records = orchestrator.storage_manager.manifest.batches()
+        await orchestrator.close()
+    finally:
+        await registry.close()
+    if args.json:
+        print(json.dumps([{"batch_id": b.batch_id, "status": b.status, "source": b.source,
+                           "created_at": b.created_at} for b in records], indent=2))
+    else:
+        for b in records:
+            print(f"{b.batch_id}\t{b.status}\t{b.source}")
+    return EXIT_OK
+
+
+async def cmd_cluster_status(args: argparse.Namespace) -> int:
+    """multicloud cluster status."""
+    _, registry = _open(args)
+    try:
+        rows = []
+        for node in registry.nodes.values():
+            chunks, nbytes = await registry.transport.usage(node)
+            rows.append({"id": node.id, "cloud": node.cloud, "region": node.region,
+                         "status": node.status.value, "chunks": chunks, "bytes": nbytes,
+                         "capacity_bytes": node.capacity_bytes})
+    finally:
+        await registry.close()
+    if args.json:
+        print(json.dumps({"data_dir": str(args.data_dir), "nodes": rows}, indent=2))
+        return EXIT_OK
+    table = Table(title=f"embedded cluster at {args.data_dir}")
+    for column in ("node", "cloud", "region", "status", "chunks", "stored"):
+        table.add_column(column)
+    for row in sorted(rows, key=lambda r: (r["cloud"], r["id"])):
+        colour = "green" if row["status"] == "healthy" else "red"
+        table.add_row(row["id"], row["cloud"], row["region"],
+                      f"[{colour}]{row['status']}[/{colour}]", str(row["chunks"]),
+                      format_bytes(row["bytes"]))
+    Console().print(table)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

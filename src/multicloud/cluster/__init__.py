@@ -1,0 +1,1 @@
+"""Nodes, the registry, the emulated network and the transports that reach nodes."""

@@ -1,0 +1,84 @@
+"""The embedded cluster: every node in this process, its state under one data dir.
+
+`<data_dir>/cluster.json` records membership (ids, clouds, regions, capacity) so that
+separate processes (`run`, then `restore`, then `verify`) see the same cluster, and
+`<data_dir>/nodes/<node_id>/` holds each node's chunk store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from multicloud.cluster.chunk_store import ChunkStore
+from multicloud.cluster.node_service import NodeService
+from multicloud.cluster.registry import NodeRegistry, WorkerNode
+from multicloud.cluster.simulated import SimulatedTransport
+from multicloud.cluster.topology import NetworkTopology
+from multicloud.config import ClusterConfig, NodeSpec, StorageConfig
+from multicloud.errors import ConfigError
+
+MEMBERSHIP_FILE = "cluster.json"
+
+
+def create_local_cluster(
+    data_dir: str | Path,
+    nodes_per_cloud: dict[str, int] | None = None,
+    time_scale: float | None = None,
+    seed: int | None = None,
+    config: ClusterConfig | None = None,
+    storage: StorageConfig | None = None,
+) -> NodeRegistry:
+    """Start (or reopen) an embedded cluster under data_dir and return its registry.
+
+    Nodes already recorded under data_dir keep their data and rejoin; nodes the config
+    adds join. Keyword arguments override the matching config fields.
+    """
+    config = config or ClusterConfig()
+    overrides: dict[str, object] = {}
+    if nodes_per_cloud is not None:
+        overrides.update(nodes_per_cloud=dict(nodes_per_cloud), nodes=[])
+    if time_scale is not None:
+        overrides["time_scale"] = time_scale
+    if seed is not None:
+        overrides["seed"] = seed
+    if overrides:
+        config = ClusterConfig.model_validate({**config.model_dump(), **overrides})
+    storage = storage or StorageConfig()
+
+    root = Path(data_dir)
+    specs = _merge_membership(root, config.node_specs())
+    topology = NetworkTopology(config)
+    services = {
+        spec.id: NodeService(spec.id, ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync))
+        for spec in specs
+    }
+    transport = SimulatedTransport(services, topology, config.time_scale, config.seed)
+    registry = NodeRegistry(config, [WorkerNode(spec) for spec in specs], transport, topology,
+                            data_dir=root)
+    transport.attach(registry)
+    return registry
+
+
+def _merge_membership(root: Path, wanted: list[NodeSpec]) -> list[NodeSpec]:
+    """Known nodes from cluster.json, plus any the config adds; writes the result back."""
+    path = root / MEMBERSHIP_FILE
+    known: dict[str, NodeSpec] = {}
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text())
+            known = {n["id"]: NodeSpec.model_validate(n) for n in raw["nodes"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc}); move it away to start a new "
+                              f"cluster, or restore it from a backup") from exc
+    merged = dict(known)
+    for spec in wanted:
+        merged.setdefault(spec.id, spec)
+    specs = sorted(merged.values(), key=lambda s: s.id)
+    if merged != known:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"nodes": [s.model_dump() for s in specs]}, indent=2))
+        os.replace(tmp, path)
+    return specs

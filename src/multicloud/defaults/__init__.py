@@ -1,0 +1,1 @@
+"""Default YAML config files shipped with the package."""

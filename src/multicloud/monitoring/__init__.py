@@ -1,0 +1,1 @@
+"""Metrics, profiling, dashboard and logs: how a run is watched and understood."""

@@ -1,0 +1,125 @@
+"""Per-run pipeline metrics: counts, success rates, latencies and busy time per stage.
+
+The stages overlap (chunks stream through all four at once), so a stage's time is its
+busy time: the wall-clock time during which at least one chunk was in it. That is what
+the profiler compares to find the bottleneck.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from multicloud.types import Stage
+
+STAGES = [s.value for s in Stage]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass
+class StageCounters:
+    """Counts and timing for one stage."""
+
+    attempted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    bytes: int = 0
+    recorded: int = 0  # the request's record_stage() count
+    latencies: list[float] = field(default_factory=list)
+    busy_seconds: float = 0.0
+    active: int = 0
+    busy_since: float = 0.0
+
+    @property
+    def success_rate(self) -> float:
+        """Succeeded over attempted; 1.0 when nothing was attempted."""
+        return self.succeeded / self.attempted if self.attempted else 1.0
+
+
+class PipelineMetrics:
+    """Counters and timers for one pipeline run, summarised as a plain dict."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, StageCounters] = {s: StageCounters() for s in STAGES}
+        self.extra: dict[str, dict[str, Any]] = {s: {} for s in STAGES}
+        self.top: dict[str, Any] = {"node_failures_handled": 0}
+        self.started = time.perf_counter()
+
+    def record_stage(self, stage: str, count: int) -> None:
+        """Note how many items a stage handed on (the request's API)."""
+        self.stages[stage].recorded = count
+
+    def attempt(self, stage: str) -> None:
+        """One item entered a stage."""
+        self.stages[stage].attempted += 1
+
+    def success(self, stage: str, nbytes: int = 0, latency_s: float | None = None) -> None:
+        """One item left a stage successfully."""
+        counters = self.stages[stage]
+        counters.succeeded += 1
+        counters.bytes += nbytes
+        if latency_s is not None:
+            counters.latencies.append(latency_s)
+
+    def failure(self, stage: str) -> None:
+        """One attempt in a stage failed."""
+        self.stages[stage].failed += 1
+
+    @contextmanager
+    def busy(self, stage: str) -> Iterator[None]:
+        """Count the enclosed time as busy time of stage (overlaps merge)."""
+        counters = self.stages[stage]
+        if counters.active == 0:
+            counters.busy_since = time.perf_counter()
+        counters.active += 1
+        try:
+            yield
+        finally:
+            counters.active -= 1
+            if counters.active == 0:
+                counters.busy_seconds += time.perf_counter() - counters.busy_since
+
+    def get_stage_breakdown(self) -> dict[str, float]:
+        """Stage -> busy seconds so far."""
+        now = time.perf_counter()
+        return {
+            name: c.busy_seconds + (now - c.busy_since if c.active else 0.0)
+            for name, c in self.stages.items()
+        }
+
+    def get_summary(self) -> dict[str, Any]:
+        """Everything as a JSON-ready dict: one entry per stage plus run-wide figures."""
+        breakdown = self.get_stage_breakdown()
+        summary: dict[str, Any] = {}
+        for name, c in self.stages.items():
+            entry: dict[str, Any] = {
+                "attempted": c.attempted,
+                "succeeded": c.succeeded,
+                "failed": c.failed,
+                "success_rate": c.success_rate,
+                "bytes": c.bytes,
+                "busy_seconds": round(breakdown[name], 6),
+                "count": c.recorded or c.succeeded,
+            }
+            if c.latencies:
+                entry["latency_p50_s"] = percentile(c.latencies, 50)
+                entry["latency_p95_s"] = percentile(c.latencies, 95)
+                entry["latency_p99_s"] = percentile(c.latencies, 99)
+            entry.update(self.extra[name])
+            summary[name] = entry
+        summary.update(self.top)
+        summary["stage_breakdown_s"] = {k: round(v, 6) for k, v in breakdown.items()}
+        return summary

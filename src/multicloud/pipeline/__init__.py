@@ -1,0 +1,1 @@
+"""The four pipeline stages and what they share."""

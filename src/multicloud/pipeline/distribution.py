@@ -1,0 +1,268 @@
+"""Stage 3, distribution: quorum writes of each chunk to its placement targets.
+
+The processing node pushes its staged blob to every target (node to node; a target that
+is the processing node itself stores in place). A chunk is committed as soon as
+`write_quorum` targets have verified and durably stored it; the remaining writes finish in
+the background (held, and awaited by `drain()`). A target that fails, times out or is
+marked unhealthy mid-write is replaced by the next placement candidate that keeps the
+cloud spread. Each attempt's timeout comes from its link's RFC 6298 estimator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from multicloud.config import DistributionConfig
+from multicloud.errors import (
+    ClusterError,
+    IntegrityError,
+    NodeUnavailable,
+    QuorumNotReached,
+    StorageError,
+    TransferTimeout,
+)
+from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.timeouts import AdaptiveTimeouts
+from multicloud.types import (
+    BlobInfo,
+    DistributedChunk,
+    NodeStatus,
+    ProcessedChunk,
+    ReplicaAck,
+)
+
+if TYPE_CHECKING:
+    from multicloud.cluster.registry import NodeRegistry, WorkerNode
+
+log = logging.getLogger(__name__)
+
+LateAck = Callable[[DistributedChunk, ReplicaAck], None]
+
+
+class SourceLost(ClusterError):
+    """The processing node holding a chunk's staged blob failed before quorum."""
+
+
+@dataclass
+class _ChunkWrite:
+    """The state of one chunk's replica writes."""
+
+    processed: ProcessedChunk
+    quorum: int
+    acks: list[ReplicaAck] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    current: list[str] = field(default_factory=list)  # targets written or being written
+    replacements_left: int = 0
+    source_lost: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # quorum, or no hope of it
+    result: DistributedChunk | None = None
+
+
+class DistributionCoordinator:
+    """Places replicas and runs quorum writes with replacement and adaptive timeouts."""
+
+    def __init__(self, node_registry: NodeRegistry, config: DistributionConfig | None = None,
+                 metrics: PipelineMetrics | None = None,
+                 placement: NetworkAwarePlacement | None = None,
+                 timeouts: AdaptiveTimeouts | None = None) -> None:
+        self.registry = node_registry
+        self.config = config or DistributionConfig()
+        self.metrics = metrics or PipelineMetrics()
+        self.placement = placement or NetworkAwarePlacement(node_registry, None, self.config)
+        self.timeouts = timeouts or AdaptiveTimeouts(self.config.timeouts)
+        self.on_late_ack: LateAck | None = None
+        self.replica_writes = 0
+        self.replica_failures = 0
+        self.replacements = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._attempts: dict[str, set[asyncio.Task[ReplicaAck]]] = {}
+        self._limit = asyncio.Semaphore(self.config.max_concurrent_distributions)
+        self._unsubscribe = node_registry.subscribe(self._on_status_change)
+
+    async def distribute(self, processed: ProcessedChunk,
+                         force_cross_cloud: bool = False) -> DistributedChunk:
+        """Write a processed chunk to its targets; return once write_quorum have acked.
+
+        Raises SourceLost when the processing node failed before quorum (process the
+        chunk again elsewhere) and QuorumNotReached when too few targets could be written.
+        """
+        blob = processed.result
+        if blob is None:
+            raise ValueError("cannot distribute a chunk whose processing failed")
+        self.metrics.attempt("distribution")
+        async with self._limit:
+            with self.metrics.busy("distribution"):
+                targets = self.placement.select_target_nodes(
+                    blob.chunk_id, processed.node_id, self.config.replication_factor,
+                    force_cross_cloud=force_cross_cloud, size_bytes=blob.blob_size)
+                state = _ChunkWrite(processed, self.config.write_quorum, current=list(targets),
+                                    replacements_left=self.config.max_replacements)
+                writers = [asyncio.create_task(self._write_target(state, t, force_cross_cloud))
+                           for t in targets]
+                finished = asyncio.ensure_future(asyncio.gather(*writers))
+                waiter = asyncio.ensure_future(state.done.wait())
+                try:
+                    await asyncio.wait({finished, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    for writer in writers:
+                        writer.cancel()
+                    await asyncio.gather(finished, return_exceptions=True)
+                    raise
+                finally:
+                    waiter.cancel()
+        src = self.registry.nodes.get(processed.node_id)
+        if len(state.acks) >= state.quorum:
+            state.result = DistributedChunk(processed.chunk, blob, processed.node_id,
+                                            list(state.acks), list(state.failed))
+            self.metrics.success("distribution", blob.blob_size)
+            # The remaining writes go on in the background; their acks arrive as late acks.
+            task = asyncio.create_task(self._finish(state, finished, src))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return state.result
+        await finished
+        if src is not None:
+            await self._release(src, blob.chunk_id)
+        self.metrics.failure("distribution")
+        if state.source_lost:
+            raise SourceLost(f"processing node {processed.node_id} failed before chunk "
+                             f"{blob.chunk_id[:12]} reached quorum")
+        raise QuorumNotReached(
+            f"chunk {processed.chunk.index} of {processed.chunk.file} got {len(state.acks)} "
+            f"verified replicas, write_quorum is {state.quorum} (failed targets: "
+            f"{', '.join(state.failed) or 'none'})")
+
+    async def distribute_processed_chunks(self, processed: list[ProcessedChunk],
+                                          force_cross_cloud: bool = False,
+                                          ) -> list[DistributedChunk]:
+        """Distribute many chunks and wait for all their writes, quorum and the rest."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.distribute(p, force_cross_cloud))
+                     for p in processed if p.result is not None]
+        results = [t.result() for t in tasks]
+        await self.drain()
+        return results
+
+    async def drain(self) -> None:
+        """Wait for every background write to finish."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def close(self) -> None:
+        """Stop listening to node health changes."""
+        self._unsubscribe()
+
+    @property
+    def replica_success_rate(self) -> float:
+        """Verified replica writes over all write attempts."""
+        total = self.replica_writes + self.replica_failures
+        return self.replica_writes / total if total else 1.0
+
+    # -- internals ----------------------------------------------------------------------
+
+    async def _write_target(self, state: _ChunkWrite, target: str,
+                            force_cross_cloud: bool) -> None:
+        processed = state.processed
+        blob = processed.result
+        assert blob is not None
+        node_id: str | None = target
+        while node_id is not None:
+            if state.source_lost:
+                return
+            src = self.registry.nodes[processed.node_id]
+            dst = self.registry.nodes[node_id]
+            link = f"{src.location}->{dst.location}"
+            timeout = self.timeouts.timeout(link, blob.blob_size)
+            started = time.perf_counter()
+            try:
+                ack = await self._attempt(src, dst, blob, timeout)
+            except (NodeUnavailable, TransferTimeout, IntegrityError, StorageError) as exc:
+                self.replica_failures += 1
+                if isinstance(exc, TransferTimeout):
+                    self.timeouts.backoff(link)
+                if isinstance(exc, NodeUnavailable) and exc.node_id == src.id and src.id != dst.id:
+                    state.source_lost = True
+                    state.done.set()
+                    return
+                log.warning("replica of %s on %s failed: %s", blob.chunk_id[:12], dst.id, exc)
+                self.registry.record_failure(dst.id, self.config.failure_threshold, str(exc))
+                state.failed.append(dst.id)
+                state.current.remove(dst.id)
+                node_id = self._replacement(state, force_cross_cloud)
+                if node_id is not None:
+                    state.current.append(node_id)
+                    self.replacements += 1
+                elif len(state.acks) + self._pending(state) < state.quorum:
+                    state.done.set()
+                continue
+            self.replica_writes += 1
+            self.registry.record_success(dst.id)
+            dst.used_bytes += ack.blob_size
+            if src.id != dst.id:
+                self.timeouts.observe(link, time.perf_counter() - started, blob.blob_size)
+            state.acks.append(ack)
+            if state.result is not None and self.on_late_ack is not None:
+                self.on_late_ack(state.result, ack)
+            if len(state.acks) >= state.quorum:
+                state.done.set()
+            return
+
+    async def _attempt(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo,
+                       timeout: float) -> ReplicaAck:
+        """One replica write, bounded by timeout and cancelled if dst is marked unhealthy."""
+        attempt = asyncio.create_task(self.registry.transport.replicate(src, dst, blob))
+        inflight = self._attempts.setdefault(dst.id, set())
+        inflight.add(attempt)
+        try:
+            async with asyncio.timeout(timeout):
+                return await attempt
+        except TimeoutError:
+            raise TransferTimeout(src.id, dst.id, timeout) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves
+            raise NodeUnavailable(dst.id, "marked unhealthy during the write") from None
+        finally:
+            inflight.discard(attempt)
+            if not attempt.done():
+                attempt.cancel()
+
+    def _pending(self, state: _ChunkWrite) -> int:
+        acked = {a.node_id for a in state.acks}
+        return sum(1 for n in state.current if n not in acked)
+
+    def _replacement(self, state: _ChunkWrite, force_cross_cloud: bool) -> str | None:
+        if state.replacements_left <= 0:
+            return None
+        state.replacements_left -= 1
+        blob = state.processed.result
+        assert blob is not None
+        return self.placement.replacement(
+            blob.chunk_id, state.processed.node_id, state.current, state.failed,
+            force_cross_cloud=force_cross_cloud, size_bytes=blob.blob_size)
+
+    async def _finish(self, state: _ChunkWrite, writers: asyncio.Future[list[None]],
+                      src: WorkerNode | None) -> None:
+        await asyncio.gather(writers, return_exceptions=True)
+        if src is not None:
+            await self._release(src, state.processed.chunk.chunk_id)
+
+    async def _release(self, src: WorkerNode, chunk_id: str) -> None:
+        try:
+            await self.registry.transport.release(src, chunk_id)
+        except ClusterError as exc:  # the node is gone; so is its staging area
+            log.info("could not release staged %s on %s: %s", chunk_id[:12], src.id, exc)
+
+    def _on_status_change(self, node: WorkerNode, old: NodeStatus, reason: str) -> None:
+        if node.status is NodeStatus.UNHEALTHY:
+            # Take the node out of service at once: its in-flight writes fail now and are
+            # re-placed, instead of waiting for their timeouts.
+            for attempt in list(self._attempts.get(node.id, ())):
+                attempt.cancel()

@@ -1,0 +1,213 @@
+"""The plain records that flow between the stages, and the results users get back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PipelineStatus(enum.StrEnum):
+    """Lifecycle of one orchestrator."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class NodeStatus(enum.StrEnum):
+    """Health of a node; compares equal to the plain strings "healthy" / "unhealthy"."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class Stage(enum.StrEnum):
+    """The four pipeline stages, in order."""
+
+    INGESTION = "ingestion"
+    PROCESSING = "processing"
+    DISTRIBUTION = "distribution"
+    STORAGE = "storage"
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A fixed-size piece of one source file, identified by the SHA-256 of its raw bytes."""
+
+    chunk_id: str  # SHA-256 hex of the raw bytes
+    file: str  # path relative to the batch source, with forward slashes
+    index: int  # position of the chunk within its file
+    offset: int  # byte offset within the file
+    size_bytes: int
+    source_cloud: str  # cloud the source bucket lives in
+    path: Path | None = None  # where to re-read the raw bytes from; None for in-memory data
+    record_format: str | None = None  # "jsonl" / "csv" when records are validated
+    csv_columns: int | None = None  # field count from the CSV header, for later chunks
+    at_file_end: bool = True  # whether the chunk's last line is complete by construction
+    # The raw bytes while they are in flight; dropped once processed.
+    data: bytes | memoryview | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 hex of the raw bytes (the chunk id)."""
+        return self.chunk_id
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What processing made of a chunk: the stored form, staged on the processing node."""
+
+    chunk_id: str
+    raw_size: int
+    blob_size: int
+    blob_checksum: str  # xxh3-128 hex of the whole blob, checked by every receiver
+    codec: str  # "raw", "zstd", "zstd+aes256gcm", ...
+
+
+@dataclass(slots=True)
+class ProcessedChunk:
+    """The outcome of processing one chunk on a worker node."""
+
+    chunk: Chunk
+    node_id: str  # the node holding the staged blob
+    result: BlobInfo | None  # None when processing failed
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAck:
+    """A node's confirmation that it verified a blob and made it durable."""
+
+    node_id: str
+    chunk_id: str
+    blob_checksum: str
+    blob_size: int
+    elapsed_s: float
+
+
+@dataclass(slots=True)
+class DistributedChunk:
+    """A chunk whose replicas reached write quorum (the rest may still be in flight)."""
+
+    chunk: Chunk
+    blob: BlobInfo
+    source_node: str
+    replicas: list[ReplicaAck]
+    failed_targets: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StoredChunk:
+    """A chunk committed to the manifest with its verified replicas."""
+
+    chunk: Chunk
+    blob: BlobInfo
+    replicas: list[str]
+    committed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One source file of a batch (also the 0-byte ones, which have no chunks)."""
+
+    path: str  # relative, forward slashes
+    size: int
+    chunk_count: int
+    digest: str  # SHA-256 over the concatenated chunk ids: a whole-file check
+
+
+@dataclass(slots=True)
+class PipelineResult:
+    """What run_pipeline returns."""
+
+    status: str  # "success" or "failed"
+    batch_id: str = ""
+    duration_seconds: float = 0.0
+    chunks_processed: int = 0
+    bytes_processed: int = 0
+    files: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "status": self.status,
+            "batch_id": self.batch_id,
+            "duration_seconds": self.duration_seconds,
+            "chunks_processed": self.chunks_processed,
+            "bytes_processed": self.bytes_processed,
+            "files": self.files,
+            "metrics": self.metrics,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaProblem:
+    """A replica that is missing, corrupt, or on a node that cannot be reached."""
+
+    chunk_id: str
+    node_id: str
+    problem: str  # "missing", "corrupt" or "unavailable"
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """Result of checking every replica of a batch."""
+
+    batch_id: str
+    chunks: int = 0
+    replicas_checked: int = 0
+    replicas_ok: int = 0
+    problems: list[ReplicaProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no replica is missing, corrupt or unreachable."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "batch_id": self.batch_id,
+            "ok": self.ok,
+            "chunks": self.chunks,
+            "replicas_checked": self.replicas_checked,
+            "replicas_ok": self.replicas_ok,
+            "problems": [
+                {"chunk_id": p.chunk_id, "node_id": p.node_id, "problem": p.problem,
+                 "detail": p.detail}
+                for p in self.problems
+            ],
+        }
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """Result of rebuilding a batch's files."""
+
+    batch_id: str
+    files_restored: int = 0
+    bytes_restored: int = 0
+    skipped_replicas: list[ReplicaProblem] = field(default_factory=list)
+    failed_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "batch_id": self.batch_id,
+            "files_restored": self.files_restored,
+            "bytes_restored": self.bytes_restored,
+            "skipped_replicas": [
+                {"chunk_id": p.chunk_id, "node_id": p.node_id, "problem": p.problem,
+                 "detail": p.detail}
+                for p in self.skipped_replicas
+            ],
+            "failed_files": self.failed_files,
+        }
