@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     if not args.verbose:
         logging.getLogger("multicloud").setLevel(logging.CRITICAL)
-    handler: Callable[[argparse.Namespace], Awaitable[int]] = args.handler
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
     try:
         return asyncio.run(handler(args))
     except MulticloudError as exc:
@@ -289,7 +289,7 @@ async def cmd_cluster_status(args: argparse.Namespace) -> int:
     """multicloud cluster status."""
     _, registry = _open(args)
     try:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for node in registry.nodes.values():
             chunks, nbytes = await registry.transport.usage(node)
             rows.append({"id": node.id, "cloud": node.cloud, "region": node.region,

@@ -20,6 +20,9 @@ from multicloud.errors import ConfigError
 
 MIB = 1024 * 1024
 
+TransformName = Literal["validate", "compress", "encrypt"]
+LinkClass = Literal["same_region", "cross_region", "cross_cloud"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -59,8 +62,8 @@ class ProcessingConfig(_Strict):
     """The transform chain and the worker slots that run it."""
 
     max_workers_per_node: int = Field(4, ge=1, le=256)
-    transforms: list[Literal["validate", "compress", "encrypt"]] = Field(
-        default_factory=lambda: ["validate", "compress"]
+    transforms: list[TransformName] = Field(
+        default_factory=lambda: list[TransformName](["validate", "compress"])
     )
     parse_records: bool = Field(True, description="validate that .jsonl/.csv lines parse")
     max_attempts: int = Field(3, ge=1, description="tries per chunk before the batch fails")
@@ -150,7 +153,7 @@ class NodeSpec(_Strict):
     capacity_gb: float = Field(100.0, gt=0)
 
 
-def _default_links() -> dict[str, LinkProfile]:
+def _default_links() -> dict[LinkClass, LinkProfile]:
     return {
         "same_region": LinkProfile(latency_ms=1.0, bandwidth_mbps=10_000),
         "cross_region": LinkProfile(latency_ms=35.0, bandwidth_mbps=5_000),
@@ -188,7 +191,7 @@ class ClusterConfig(_Strict):
     node_capacity_gb: float = Field(100.0, gt=0)
     regions: dict[str, list[str]] = Field(default_factory=_default_regions)
     clouds: dict[str, CloudPricing] = Field(default_factory=_default_clouds)
-    links: dict[Literal["same_region", "cross_region", "cross_cloud"], LinkProfile] = Field(
+    links: dict[LinkClass, LinkProfile] = Field(
         default_factory=_default_links
     )
     link_overrides: list[LinkOverride] = Field(default_factory=list)

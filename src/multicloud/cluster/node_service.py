@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Callable
 from typing import Literal, ParamSpec, TypeVar
 
 from multicloud.cluster.chunk_store import ChunkStore, check_chunk_id
@@ -59,7 +59,8 @@ class NodeService:
 
     async def process(self, chunk: Chunk, data: bytes | memoryview) -> BlobInfo:
         """Validate and transform a chunk on a worker slot; stage the blob for distribution."""
-        assert self._workers is not None and self._chain is not None
+        if self._workers is None or self._chain is None:
+            raise RuntimeError("NodeService.configure() was not called")
         blob, info = await self._run(self._workers, self._chain.apply, chunk, data)
         self._staged[info.chunk_id] = blob
         return info

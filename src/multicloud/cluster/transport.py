@@ -32,7 +32,7 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def process(self, node: WorkerNode, chunk: Chunk, data: bytes | memoryview,
                       origin: Location) -> BlobInfo:
-        """Send raw bytes from origin (the source bucket) to node, which processes and stages them."""
+        """Send raw bytes from origin (the source bucket) to node; it processes and stages them."""
 
     @abc.abstractmethod
     async def replicate(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo) -> ReplicaAck:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multicloud.config import DistributionConfig
 from multicloud.errors import (
@@ -105,10 +105,11 @@ class DistributionCoordinator:
                                     replacements_left=self.config.max_replacements)
                 writers = [asyncio.create_task(self._write_target(state, t, force_cross_cloud))
                            for t in targets]
-                finished = asyncio.ensure_future(asyncio.gather(*writers))
-                waiter = asyncio.ensure_future(state.done.wait())
+                finished: asyncio.Future[list[None]] = asyncio.gather(*writers)
+                waiter: asyncio.Task[bool] = asyncio.create_task(state.done.wait())
                 try:
-                    await asyncio.wait({finished, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    either: list[asyncio.Future[Any]] = [finished, waiter]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
                     for writer in writers:
                         writer.cancel()
@@ -214,7 +215,7 @@ class DistributionCoordinator:
             return
 
     async def _attempt(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo,
-                       timeout: float) -> ReplicaAck:
+                       timeout: float) -> ReplicaAck:  # noqa: ASYNC109 - per-link, adaptive
         """One replica write, bounded by timeout and cancelled if dst is marked unhealthy."""
         attempt = asyncio.create_task(self.registry.transport.replicate(src, dst, blob))
         inflight = self._attempts.setdefault(dst.id, set())

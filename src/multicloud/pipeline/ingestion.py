@@ -99,7 +99,7 @@ class DataIngestionEngine:
 
     async def iter_chunks(
         self, files: list[SourceFile], source_cloud: str,
-        before_read: Callable[[], Awaitable[None]] | None = None,
+        before_read: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Yield every chunk of files in order, raw bytes attached as `chunk.data`.
 

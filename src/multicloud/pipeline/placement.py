@@ -52,7 +52,8 @@ class NetworkAwarePlacement:
         node = self.registry.nodes.get(source)
         if node is not None:
             return node.cloud
-        if source in self.registry.clouds(healthy_only=False) or source in self.topology.config.clouds:
+        known_clouds = {*self.registry.clouds(healthy_only=False), *self.topology.config.clouds}
+        if source in known_clouds:
             return source
         raise ClusterError(f"unknown source {source!r}: give a node id "
                            f"({', '.join(sorted(self.registry.nodes))}) or a cloud name")

@@ -66,7 +66,7 @@ class BatchRestorer:
         replicas = await asyncio.to_thread(self.manifest.replicas,
                                            sorted({r.chunk_id for r in records}))
         dest = Path(dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
         report = RestoreReport(batch_id)
         limit = asyncio.Semaphore(_FILES_AT_ONCE)
 
@@ -88,35 +88,28 @@ class BatchRestorer:
                             replicas: dict[str, list[str]], dest: Path,
                             report: RestoreReport) -> None:
         target = _safe_join(dest, entry.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                        suffix=".partial")
-        tmp = Path(tmp_name)
+        fd, tmp = await asyncio.to_thread(_open_temp, target)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                ids = []
-                for record in sorted(chunks, key=lambda r: r.index):
-                    raw = await self._fetch_chunk(record, replicas.get(record.chunk_id, []),
-                                                  report)
-                    if raw is None:
-                        raise RestoreError(f"no good replica of chunk {record.index} of "
-                                           f"{entry.path}")
-                    await asyncio.to_thread(_write_at, handle.fileno(), record.offset, raw)
-                    ids.append(record.chunk_id)
-                await asyncio.to_thread(os.fsync, handle.fileno())
-            size = tmp.stat().st_size
-            if size != entry.size or file_digest(ids) != entry.digest:
-                raise RestoreError(f"{entry.path}: rebuilt file does not match the manifest "
-                                   f"(size {size}, expected {entry.size})")
-            os.replace(tmp, target)
+            ids = []
+            for record in sorted(chunks, key=lambda r: r.index):
+                raw = await self._fetch_chunk(record, replicas.get(record.chunk_id, []), report)
+                if raw is None:
+                    raise RestoreError(f"no good replica of chunk {record.index} of {entry.path}")
+                await asyncio.to_thread(_write_at, fd, record.offset, raw)
+                ids.append(record.chunk_id)
+            if file_digest(ids) != entry.digest:
+                raise RestoreError(f"{entry.path}: its chunks do not match the manifest's digest")
+            await asyncio.to_thread(_commit_file, fd, tmp, target, entry.size)
         except RestoreError as exc:
             log.error("restore of %s failed: %s", entry.path, exc)
             report.failed_files.append(entry.path)
-            tmp.unlink(missing_ok=True)
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
             return
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
             raise
+        finally:
+            os.close(fd)
         report.files_restored += 1
         report.bytes_restored += entry.size
 
@@ -193,6 +186,23 @@ class BatchRestorer:
         return ReplicaProblem(chunk_id, node_id, state)
 
 
+def _open_temp(target: Path) -> tuple[int, Path]:
+    """A temp file beside target, so the final rename stays on one file system."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    return fd, Path(name)
+
+
+def _commit_file(fd: int, tmp: Path, target: Path, expected_size: int) -> None:
+    """Check the size, make the file durable, and move it into place."""
+    size = os.fstat(fd).st_size
+    if size != expected_size:
+        raise RestoreError(f"{target.name}: rebuilt {size} bytes, the manifest says "
+                           f"{expected_size}")
+    os.fsync(fd)
+    os.replace(tmp, target)
+
+
 def _write_at(fd: int, offset: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -203,7 +213,7 @@ def _write_at(fd: int, offset: int, data: bytes) -> None:
 
 def _safe_join(root: Path, rel_path: str) -> Path:
     """root/rel_path, refusing paths that would escape root."""
-    target = (root / rel_path).resolve()
-    if not target.is_relative_to(root.resolve()):
+    target = Path(os.path.realpath(root / rel_path))
+    if not target.is_relative_to(os.path.realpath(root)):
         raise RestoreError(f"manifest path {rel_path!r} escapes the destination; refusing")
     return target
