@@ -1,0 +1,73 @@
+"""Byte sizes as people write them ("1GiB", "500MB") and as we show them ("1.0 GiB")."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from multicloud.errors import ConfigError
+
+__all__ = ["format_bytes", "parse_size"]
+
+# Binary units are powers of 1024, decimal ones powers of 1000, as in IEC 80000-13.
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
+_VALID_UNITS = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (case-insensitive), or none for bytes"
+_SIZE = re.compile(
+    r"\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?P<unit>[a-z]*)\s*", re.I | re.ASCII
+)
+
+_FORMAT_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def parse_size(text: str) -> int:
+    """Return the number of bytes in a size such as "1GiB", "1.5 GB", "64KiB" or "4096"."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(
+            f"invalid size {text!r}: expected a number with an optional unit "
+            f"({_VALID_UNITS}), e.g. '500MiB' or '1.5GB'"
+        )
+    unit = match["unit"].lower()
+    if unit not in _UNITS:
+        raise ConfigError(
+            f"invalid size {text!r}: unknown unit {match['unit']!r}; use {_VALID_UNITS}"
+        )
+    number = Decimal(match["number"])  # the regex admits only what Decimal parses
+    if number < 0:
+        raise ConfigError(f"invalid size {text!r}: a size cannot be negative; use 0 or more")
+    scale = _UNITS[unit]
+    total = number * scale
+    # A byte count itself must be whole; a fraction of a larger unit rounds down to whole bytes
+    # ("0.3KiB" is 307 bytes), which is what a reader of "1.5GB" expects.
+    if scale == 1 and total != total.to_integral_value():
+        raise ConfigError(
+            f"invalid size {text!r}: a byte count must be a whole number; "
+            f"use a larger unit for fractions, e.g. '1.5KiB'"
+        )
+    return int(total)
+
+
+def format_bytes(n: int) -> str:
+    """Return a byte count for people: "12 B" below 1 KiB, else one decimal in binary units."""
+    if n < 0:
+        return "-" + format_bytes(-n)
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in _FORMAT_UNITS[:-1]:
+        # Move up while the rounded figure would read 1024.0 or more ("1024.0 KiB" is "1.0 MiB").
+        if round(value, 1) < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} {_FORMAT_UNITS[-1]}"
