@@ -45,7 +45,7 @@ class IngestionConfig(_Strict):
 class CompressionConfig(_Strict):
     """zstd settings."""
 
-    level: int = Field(3, ge=1, le=22)
+    level: int = Field(1, ge=1, le=22)
     min_saving: float = Field(
         0.02, ge=0, lt=1, description="store raw unless compression saves this share"
     )
@@ -309,6 +309,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the (possibly nested) model that a validation error points into."""
+    current: type[BaseModel] = model
+    for part in loc:
+        field_info = current.model_fields.get(str(part))
+        annotation = field_info.annotation if field_info is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        else:
+            break
+    return list(current.model_fields)
+
+
 def _validate(model: type[_Strict], raw: dict[str, Any], where: str) -> Any:
     try:
         return model.model_validate(raw)
@@ -316,7 +329,7 @@ def _validate(model: type[_Strict], raw: dict[str, Any], where: str) -> Any:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            valid = ", ".join(model.model_fields)
+            valid = ", ".join(_fields_at(model, err["loc"][:-1]))
             msg = f"{where}: unknown key {key!r} (valid keys: {valid})"
         else:
             shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"

@@ -325,7 +325,7 @@ def test_jsonl_bad_line_is_named() -> None:
 @pytest.mark.parametrize(
     "line",
     [b"1,2", b'{"a":1}{"b":2}', b'{"a":1},{"b":2}', b"1 2", b"[1", b"2]", b'"abc', b"{", b"}",
-     b'"a":1', b"nul", b"\xef\xbb\xbf1", b"NaN", b"1,"],
+     b'"a":1', b"nul", b"NaN", b"1,"],
 )
 def test_jsonl_line_with_other_than_one_document_fails(line: bytes) -> None:
     data = b'{"ok": true}\n' + line + b'\n{"ok": true}\n'

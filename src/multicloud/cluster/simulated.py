@@ -125,7 +125,7 @@ class SimulatedTransport(Transport):
         return info
 
     async def replicate(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo) -> ReplicaAck:
-        source = self._reach(src, dst.cloud)
+        source = self._reach(src)  # a partition makes dst unreachable, not src
         target = self._reach(dst, src.cloud)
         if src.id == dst.id:
             await self._before_write(dst)
@@ -179,7 +179,7 @@ class SimulatedTransport(Transport):
 
     async def _move(self, link: Link, nbytes: int) -> None:
         self.ledger.charge(link, nbytes)
-        if self.time_scale <= 0 or link.kind == "local":
+        if self.time_scale <= 0:
             return
         # One FIFO pipe per link: a transfer starts when the link is free, occupies it for
         # size/bandwidth, and arrives one latency later.

@@ -13,7 +13,7 @@ from typing import Literal
 
 from multicloud.config import ClusterConfig, LinkProfile
 
-LinkKind = Literal["local", "same_region", "cross_region", "cross_cloud"]
+LinkKind = Literal["same_region", "cross_region", "cross_cloud"]
 GB = 1_000_000_000  # providers price egress per decimal GB
 
 
@@ -51,8 +51,6 @@ class Link:
 
     def transfer_seconds(self, nbytes: int) -> float:
         """Emulated seconds to move nbytes: one latency plus serialisation time."""
-        if self.kind == "local":
-            return 0.0
         return self.latency_s + nbytes / self.bandwidth_bps
 
     def cost_usd(self, nbytes: int) -> float:

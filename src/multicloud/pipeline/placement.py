@@ -78,14 +78,13 @@ class NetworkAwarePlacement:
         for node in rank_nodes(chunk_id, candidates):
             by_cloud.setdefault(node.cloud, []).append(node)
 
-        need_clouds = max(self.config.min_clouds, 2 if force_cross_cloud else 1)
+        need_clouds = min(max(self.config.min_clouds, 2 if force_cross_cloud else 1), wanted)
         if len(by_cloud) < need_clouds:
             raise InsufficientNodes(
                 f"placement needs replicas in {need_clouds} clouds, healthy nodes span "
                 f"{len(by_cloud)} ({', '.join(sorted(by_cloud)) or 'none'}); start nodes in "
                 f"another cloud or lower min_clouds"
             )
-        need_clouds = min(need_clouds, wanted)
         others = self.topology.cloud_preference(src_cloud, list(by_cloud))
 
         # First one node from the source cloud and from each nearest other cloud the

@@ -75,9 +75,12 @@ class BatchRestorer:
                 await self._restore_file(entry, by_file.get(entry.path, []), replicas, dest,
                                          report)
 
-        async with asyncio.TaskGroup() as group:
-            for entry in files:
-                group.create_task(one(entry))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for entry in files:
+                    group.create_task(one(entry))
+        except* ConfigError as group:  # e.g. no key: the same for every file, report it once
+            raise group.exceptions[0] from None
         if report.failed_files:
             shown = ", ".join(sorted(report.failed_files)[:5])
             raise RestoreError(f"{len(report.failed_files)} file(s) of batch {batch_id!r} "

@@ -58,9 +58,10 @@ class AdaptiveTimeouts:
             est.samples += 1
 
     def backoff(self, link: str) -> None:
-        """A transfer timed out: double the link's RTO (bounded by max_s per MiB)."""
+        """A transfer timed out: double the link's RTO (the per-transfer clamp still applies)."""
         with self._lock:
             est = self._estimate(link)
+            # Bound the per-MiB figure too, so a run of timeouts cannot overflow it.
             est.rto = min(est.rto * 2, self.config.max_s)
 
     def snapshot(self) -> dict[str, dict[str, float]]:

@@ -1,0 +1,259 @@
+"""Honest benchmarks, measured side by side in one run on this machine.
+
+1. Ingestion of one 1 GiB file against a bare read + SHA-256 loop over the same file.
+2. End to end (gen-data, 6 nodes, RF 3, time_scale 0) against the disk floor (three
+   `cp -r` copies + `sync`) and `rclone copy --checksum` to three folders (+ `sync`).
+3. Peak RSS of the pipeline for 1 GiB and 4 GiB of input.
+4. Processing latency of 100 KiB chunks (p50, p99).
+
+Writes bench-out/report.md and bench-out/results.json. Usage:
+    python benchmarks/run_benchmarks.py [--size 1GiB] [--big 4GiB] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from multicloud import (
+    DataIngestionEngine,
+    IngestionConfig,
+    ProcessingConfig,
+    ProcessingWorkerPool,
+    create_local_cluster,
+)
+from multicloud.datagen import generate_dataset
+from multicloud.monitoring.metrics import PipelineMetrics, percentile
+from multicloud.units import format_bytes, parse_size
+
+MIB = 1024 * 1024
+CLI = [sys.executable, "-m", "multicloud.cli"]
+
+
+def drop_caches() -> None:
+    """Flush dirty pages so one measurement does not pay for the previous one's writes."""
+    subprocess.run(["sync"], check=True)
+
+
+def timed(cmd: list[str], **kwargs: Any) -> float:
+    """Wall seconds of a command (raises if it fails)."""
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, **kwargs)
+    return time.perf_counter() - started
+
+
+def warm(path: Path) -> None:
+    """Read a tree once so every contender starts with it in the page cache."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with file.open("rb") as handle:
+            while handle.read(16 * MIB):
+                pass
+
+
+def bare_read_hash(path: Path, chunk: int) -> float:
+    """The floor for ingestion: read chunk-sized pieces and SHA-256 each, one thread."""
+    started = time.perf_counter()
+    with path.open("rb") as handle:
+        while data := handle.read(chunk):
+            hashlib.sha256(data).hexdigest()
+    return time.perf_counter() - started
+
+
+async def ingest(path: Path, chunk_mb: float) -> float:
+    engine = DataIngestionEngine(None, IngestionConfig(chunk_size_mb=chunk_mb))
+    started = time.perf_counter()
+    await engine.ingest_batch(path)
+    return time.perf_counter() - started
+
+
+def run_pipeline(source: Path, data_dir: Path) -> tuple[float, int, dict[str, Any]]:
+    """Run the CLI in a child; returns (wall seconds incl. sync, its peak RSS bytes, result)."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    drop_caches()
+    stdout = data_dir.with_suffix(".json")
+    started = time.perf_counter()
+    with stdout.open("w") as sink:
+        child = subprocess.Popen([*CLI, "run", "--source", str(source), "--data-dir",
+                                  str(data_dir), "--batch-id", "bench", "--json"], stdout=sink)
+        _, status, usage = os.wait4(child.pid, 0)
+    subprocess.run(["sync"], check=True)  # the same durability the cp floor is held to
+    wall = time.perf_counter() - started
+    result = json.loads(stdout.read_text())
+    if os.waitstatus_to_exitcode(status) != 0 or result["status"] != "success":
+        raise SystemExit(f"pipeline failed: {result.get('error')}")
+    return wall, usage.ru_maxrss * 1024, result
+
+
+def copy_floor(source: Path, out: Path) -> float:
+    dests = [out / f"cp-{i}" for i in range(3)]
+    for d in dests:
+        shutil.rmtree(d, ignore_errors=True)
+    drop_caches()
+    started = time.perf_counter()
+    for d in dests:
+        subprocess.run(["cp", "-r", str(source), str(d)], check=True)
+    subprocess.run(["sync"], check=True)
+    wall = time.perf_counter() - started
+    for d in dests:
+        shutil.rmtree(d, ignore_errors=True)
+    return wall
+
+
+def rclone_copy(source: Path, out: Path) -> float | None:
+    if shutil.which("rclone") is None:
+        return None
+    dests = [out / f"rclone-{i}" for i in range(3)]
+    for d in dests:
+        shutil.rmtree(d, ignore_errors=True)
+    drop_caches()
+    started = time.perf_counter()
+    for d in dests:
+        subprocess.run(["rclone", "copy", "--checksum", "--config", "/dev/null", str(source),
+                        str(d)], check=True, capture_output=True)
+    subprocess.run(["sync"], check=True)
+    wall = time.perf_counter() - started
+    for d in dests:
+        shutil.rmtree(d, ignore_errors=True)
+    return wall
+
+
+async def processing_latency(out: Path, count: int = 100,
+                             size: int = 100 * 1024) -> dict[str, float]:
+    registry = create_local_cluster(out / "latency-cluster", {"aws": 3, "gcp": 3})
+    try:
+        metrics = PipelineMetrics()
+        pool = ProcessingWorkerPool(registry, ProcessingConfig(), metrics)
+        engine = DataIngestionEngine(registry, IngestionConfig(chunk_size_mb=size / MIB))
+        lines = b"".join(b'{"n": %d, "msg": "request served", "ok": true}\n' % i
+                         for i in range(count * size // 40))
+        chunks = await engine.chunk_file("latency.jsonl", lines[: count * size])
+        started = time.perf_counter()
+        await pool.process_chunks(chunks)
+        wall = time.perf_counter() - started
+        latencies = metrics.stages["processing"].latencies
+        return {"chunks": len(chunks), "p50_ms": percentile(latencies, 50) * 1000,
+                "p99_ms": percentile(latencies, 99) * 1000,
+                "avg_ms_per_chunk": wall / len(chunks) * 1000}
+    finally:
+        await registry.close()
+        shutil.rmtree(out / "latency-cluster", ignore_errors=True)
+
+
+def dataset(out: Path, name: str, size: int) -> Path:
+    root = out / name
+    marker = root / ".complete"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        generate_dataset(root / "aws_s3_bucket", size, seed=1)
+        marker.write_text(str(size))
+    return root / "aws_s3_bucket"
+
+
+def one_file(out: Path, size: int) -> Path:
+    path = out / "one-file.bin"
+    if not path.exists() or path.stat().st_size != size:
+        with path.open("wb") as handle:
+            for _ in range(size // (64 * MIB)):
+                handle.write(os.urandom(64 * MIB))
+            handle.write(os.urandom(size % (64 * MIB)))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--big", default="4GiB", help="second size for the RSS check ('' skips)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    size = parse_size(args.size)
+    results: dict[str, Any] = {"size": size, "cpus": os.cpu_count()}
+
+    # 1. ingestion against read + SHA-256
+    single = one_file(out, size)
+    warm(single)
+    bare = min(bare_read_hash(single, 100 * MIB) for _ in range(2))
+    ours = min(asyncio.run(ingest(single, 100)) for _ in range(2))
+    results["ingestion"] = {"bare_mb_s": size / MIB / bare, "engine_mb_s": size / MIB / ours,
+                            "ratio": bare / ours}
+    print(f"ingestion: bare {size / MIB / bare:.0f} MiB/s, engine {size / MIB / ours:.0f} "
+          f"MiB/s, ratio {bare / ours:.2f}", flush=True)
+
+    # 2. end to end against cp and rclone
+    source = dataset(out, "data-small", size)
+    warm(source)
+    wall, rss, result = run_pipeline(source, out / "cluster")
+    cp_wall = copy_floor(source, out)
+    rclone_wall = rclone_copy(source, out)
+    written = sum(c["bytes"] for c in result["metrics"]["storage"]["by_cloud"].values())
+    results["end_to_end"] = {
+        "pipeline_s": wall, "pipeline_mb_s": size / MIB / wall, "cp_floor_s": cp_wall,
+        "rclone_s": rclone_wall, "pipeline_over_cp": wall / cp_wall,
+        "pipeline_over_rclone": wall / rclone_wall if rclone_wall else None,
+        "replica_bytes_written": written,
+        "stage_breakdown_s": result["metrics"]["stage_breakdown_s"],
+        "peak_rss_bytes": rss,
+    }
+    print(f"end to end: pipeline {wall:.2f}s, cp floor {cp_wall:.2f}s, rclone "
+          f"{rclone_wall if rclone_wall is None else round(rclone_wall, 2)}s, peak RSS "
+          f"{format_bytes(rss)}", flush=True)
+    shutil.rmtree(out / "cluster", ignore_errors=True)
+
+    # 3. RSS stays flat with 4x the input
+    if args.big:
+        big = parse_size(args.big)
+        big_source = dataset(out, "data-big", big)
+        big_wall, big_rss, _ = run_pipeline(big_source, out / "cluster-big")
+        results["rss"] = {"small_bytes": rss, "big_bytes": big_rss, "big_size": big,
+                          "big_pipeline_s": big_wall}
+        print(f"peak RSS: {format_bytes(rss)} for {format_bytes(size)}, {format_bytes(big_rss)}"
+              f" for {format_bytes(big)}", flush=True)
+        shutil.rmtree(out / "cluster-big", ignore_errors=True)
+
+    # 4. processing latency for 100 KiB chunks
+    results["processing_latency"] = asyncio.run(processing_latency(out))
+    print(f"processing 100 KiB chunks: {results['processing_latency']}", flush=True)
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(render(results))
+    print(render(results))
+
+
+def render(r: dict[str, Any]) -> str:
+    e2e, ing, lat = r["end_to_end"], r["ingestion"], r["processing_latency"]
+    lines = [
+        f"# Benchmarks ({format_bytes(r['size'])}, {r['cpus']} cores)", "",
+        "| measurement | figure |", "|---|---|",
+        f"| ingestion, bare read + SHA-256 | {ing['bare_mb_s']:.0f} MiB/s |",
+        f"| ingestion, DataIngestionEngine | {ing['engine_mb_s']:.0f} MiB/s "
+        f"({ing['ratio']:.2f} of bare) |",
+        f"| end to end, pipeline (RF 3, 6 nodes, + sync) | {e2e['pipeline_s']:.2f} s "
+        f"({e2e['pipeline_mb_s']:.0f} MiB/s) |",
+        f"| disk floor, 3 x cp -r + sync | {e2e['cp_floor_s']:.2f} s |",
+        f"| rclone copy --checksum x 3 + sync | "
+        f"{'n/a' if e2e['rclone_s'] is None else format(e2e['rclone_s'], '.2f') + ' s'} |",
+        f"| pipeline / cp floor | {e2e['pipeline_over_cp']:.2f} |",
+        f"| replica bytes written (compressed) | {format_bytes(e2e['replica_bytes_written'])} |",
+        f"| peak RSS | {format_bytes(e2e['peak_rss_bytes'])} |",
+    ]
+    if "rss" in r:
+        lines.append(f"| peak RSS, {format_bytes(r['rss']['big_size'])} input | "
+                     f"{format_bytes(r['rss']['big_bytes'])} |")
+    lines.append(f"| processing 100 KiB chunks, p50 / p99 | {lat['p50_ms']:.1f} / "
+                 f"{lat['p99_ms']:.1f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

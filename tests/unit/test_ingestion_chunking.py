@@ -1,0 +1,161 @@
+"""Ingestion: fixed-size chunking, chunk ids, file entries, sources and their clouds."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from multicloud import DataIngestionEngine, IngestionConfig, NodeRegistry, SourceError
+from multicloud.pipeline.ingestion import file_digest
+from multicloud.pipeline.sources import infer_source_cloud
+
+MIB = 1024 * 1024
+CHUNK = 64 * 1024
+SMALL = IngestionConfig(chunk_size_mb=CHUNK / MIB)
+
+
+async def test_chunk_file_splits_correctly(node_registry: NodeRegistry) -> None:
+    """Test file chunking logic (the request's test, at full size)."""
+    engine = DataIngestionEngine(node_registry)
+
+    # 250MB file with 100MB chunks should produce 3 chunks
+    test_data = b"x" * (250 * 1024 * 1024)
+    chunks = await engine.chunk_file("test.dat", test_data)
+
+    assert len(chunks) == 3
+    assert chunks[0].size_bytes == 100 * 1024 * 1024
+    assert chunks[2].size_bytes == 50 * 1024 * 1024
+
+    assert chunks[1].size_bytes == 100 * MIB
+    assert [c.offset for c in chunks] == [0, 100 * MIB, 200 * MIB]
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert [c.at_file_end for c in chunks] == [False, False, True]
+    # Identical content, identical id: the two full chunks are one object.
+    assert chunks[0].chunk_id == chunks[1].chunk_id != chunks[2].chunk_id
+    assert chunks[2].chunk_id == hashlib.sha256(b"x" * (50 * MIB)).hexdigest()
+    assert all(c.file == "test.dat" and c.record_format is None for c in chunks)
+    assert engine.stats.chunks == 3
+    assert engine.stats.bytes == 250 * MIB
+
+
+async def test_chunk_file_of_nothing_has_no_chunks() -> None:
+    engine = DataIngestionEngine(None, SMALL)
+    assert await engine.chunk_file("empty.bin", b"") == []
+
+
+async def test_chunk_file_uses_the_cluster_default_cloud_and_record_format(
+        node_registry: NodeRegistry) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+    chunks = await engine.chunk_file("logs/app.jsonl", b'{"a": 1}\n' * 10)
+    assert len(chunks) == 1
+    assert chunks[0].source_cloud == node_registry.config.default_source_cloud
+    assert chunks[0].record_format == "jsonl"
+    gcp = await engine.chunk_file("orders.csv", b"id,total\n1,2\n", source_cloud="gcp")
+    assert gcp[0].source_cloud == "gcp"
+    assert gcp[0].csv_columns == 2
+
+
+@pytest.fixture
+def sized_source(tmp_path: Path) -> dict[str, bytes]:
+    """Files of 0, 1, chunk and chunk+1 bytes, one of them nested; returns path -> bytes."""
+    root = tmp_path / "source"
+    files = {
+        "a-empty.bin": b"",
+        "b-one.bin": b"\x07",
+        "c-chunk.bin": bytes(range(256)) * (CHUNK // 256),
+        "d/e-chunk-plus-one.bin": b"z" * (CHUNK + 1),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+async def test_ingest_batch_cuts_every_file_at_chunk_boundaries(
+        node_registry: NodeRegistry, sized_source: dict[str, bytes], tmp_path: Path) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+
+    chunks = await engine.ingest_batch({"batch_id": "b", "data_source": str(tmp_path / "source"),
+                                        "source_cloud": "gcp"})
+
+    got = [(c.file, c.index, c.offset, c.size_bytes, c.at_file_end) for c in chunks]
+    assert got == [
+        ("b-one.bin", 0, 0, 1, True),
+        ("c-chunk.bin", 0, 0, CHUNK, True),
+        ("d/e-chunk-plus-one.bin", 0, 0, CHUNK, False),
+        ("d/e-chunk-plus-one.bin", 1, CHUNK, 1, True),
+    ]
+    for chunk in chunks:
+        data = sized_source[chunk.file][chunk.offset:chunk.offset + chunk.size_bytes]
+        assert chunk.chunk_id == hashlib.sha256(data).hexdigest()
+        assert chunk.source_cloud == "gcp"
+        assert chunk.data is None  # metadata only: processing re-reads the bytes
+        assert chunk.path == (tmp_path / "source" / chunk.file).resolve()
+    assert engine.stats.files == 4
+    assert engine.stats.chunks == 4
+    assert engine.stats.bytes == sum(len(b) for b in sized_source.values())
+    assert engine.stats.failures == 0
+
+
+async def test_ingest_batch_lists_every_file_entry_including_empty_ones(
+        node_registry: NodeRegistry, sized_source: dict[str, bytes], tmp_path: Path) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+
+    chunks = await engine.ingest_batch(tmp_path / "source")
+
+    entries = {e.path: e for e in engine.stats.file_entries}
+    assert sorted(entries) == sorted(sized_source)
+    for rel, data in sized_source.items():
+        entry = entries[rel]
+        assert entry.size == len(data)
+        assert entry.chunk_count == -(-len(data) // CHUNK)
+        assert entry.digest == file_digest([c.chunk_id for c in chunks if c.file == rel])
+    assert entries["a-empty.bin"].chunk_count == 0
+    assert entries["a-empty.bin"].digest == hashlib.sha256().hexdigest()
+
+
+async def test_ingest_batch_of_one_file(node_registry: NodeRegistry,
+                                        sized_source: dict[str, bytes],
+                                        tmp_path: Path) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+    chunks = await engine.ingest_batch(tmp_path / "source" / "d" / "e-chunk-plus-one.bin")
+    assert [(c.file, c.size_bytes) for c in chunks] == [("e-chunk-plus-one.bin", CHUNK),
+                                                         ("e-chunk-plus-one.bin", 1)]
+
+
+async def test_ingest_batch_missing_source_raises_source_error(node_registry: NodeRegistry,
+                                                               tmp_path: Path) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+    with pytest.raises(SourceError, match="does not exist"):
+        await engine.ingest_batch(tmp_path / "nowhere")
+    with pytest.raises(SourceError, match="data_source"):
+        await engine.ingest_batch({"batch_id": "no-source"})
+    with pytest.raises(SourceError, match="not supported"):
+        await engine.ingest_batch("s3://bucket/prefix")
+
+
+@pytest.mark.parametrize(("source", "cloud"), [
+    ("s3://bucket/data", "aws"),
+    ("gs://bucket/data", "gcp"),
+    ("./test_data/aws_s3_simulation", "aws"),
+    ("./test_data/gcp_gcs_simulation", "gcp"),
+    ("/mnt/azure/blob-export", "azure"),
+    ("/data/GCS/exports", "gcp"),
+    ("/data/aws/then/gcp", "gcp"),  # the word nearest the data wins
+    ("/data/plain", "default"),
+    ("", "default"),
+])
+def test_infer_source_cloud(source: str, cloud: str) -> None:
+    assert infer_source_cloud(source, "default") == cloud
+
+
+def test_resolve_prefers_an_explicit_source_cloud(node_registry: NodeRegistry) -> None:
+    engine = DataIngestionEngine(node_registry, SMALL)
+    assert engine.resolve({"data_source": "./test_data/aws_s3_simulation"}) == (
+        "./test_data/aws_s3_simulation", "aws")
+    assert engine.resolve({"data_source": "./test_data/aws_s3_simulation",
+                           "source_cloud": "gcp"}) == ("./test_data/aws_s3_simulation", "gcp")
+    assert engine.resolve("/data/plain") == ("/data/plain", "aws")  # the cluster default
+    assert DataIngestionEngine(None, SMALL, default_cloud="gcp").resolve("/x") == ("/x", "gcp")
