@@ -35,6 +35,7 @@ class IngestionConfig(_Strict):
     max_inflight_chunks: int = Field(
         4, ge=1, description="chunks between read and commit at once; bounds memory"
     )
+    read_ahead: int = Field(2, ge=1, description="chunks read and hashed at once")
 
     @property
     def chunk_size_bytes(self) -> int:

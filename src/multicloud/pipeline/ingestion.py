@@ -12,7 +12,9 @@ import asyncio
 import csv
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,30 @@ def _csv_columns(data: bytes | memoryview) -> int | None:
     return len(row)
 
 
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One chunk-sized read of a source file (length 0 stands for an empty file)."""
+
+    file: SourceFile
+    index: int
+    offset: int
+    length: int
+
+
+@dataclass
+class _FileProgress:
+    ids: list[str] = field(default_factory=list)
+    csv_columns: int | None = None
+
+
+def _plan(files: list[SourceFile], size: int) -> Iterator[_Piece]:
+    for source_file in files:
+        if source_file.size == 0:
+            yield _Piece(source_file, 0, 0, 0)
+        for index, offset in enumerate(range(0, source_file.size, size)):
+            yield _Piece(source_file, index, offset, min(size, source_file.size - offset))
+
+
 @dataclass
 class IngestionStats:
     """What ingestion has done so far."""
@@ -99,61 +125,90 @@ class DataIngestionEngine:
 
     async def iter_chunks(
         self, files: list[SourceFile], source_cloud: str,
-        before_read: Callable[[], Awaitable[object]] | None = None,
-    ) -> AsyncIterator[Chunk]:
+        inflight: asyncio.Semaphore | None = None,
+    ) -> AsyncGenerator[Chunk, None]:
         """Yield every chunk of files in order, raw bytes attached as `chunk.data`.
 
-        `before_read` is awaited before each read: the orchestrator passes its in-flight
-        limit there, which is what bounds memory.
+        Up to `read_ahead` chunks are read and hashed at once (on worker threads, so
+        SHA-256 runs on several cores). A slot of `inflight` is taken before each read and
+        released by the consumer once the chunk is done with: that bounds memory.
         """
         size = self.config.chunk_size_bytes
-        for source_file in files:
-            ids: list[str] = []
-            columns: int | None = None
-            fmt = source_file.record_format
-            for index, offset in enumerate(range(0, source_file.size, size)):
-                if before_read is not None:
-                    await before_read()
-                length = min(size, source_file.size - offset)
-                started = time.perf_counter()
-                self.metrics.attempt("ingestion")
-                try:
-                    with self.metrics.busy("ingestion"):
-                        data, chunk_id = await asyncio.to_thread(
-                            _read_and_hash, source_file.path, offset, length)
-                except OSError as exc:
-                    self.stats.failures += 1
-                    self.metrics.failure("ingestion")
-                    raise SourceError(f"cannot read {source_file.path}: {exc.strerror}") from exc
-                self.stats.seconds += time.perf_counter() - started
-                if len(data) != length:
-                    self.stats.failures += 1
-                    self.metrics.failure("ingestion")
-                    raise SourceError(f"{source_file.path} changed while it was read "
-                                      f"(expected {source_file.size} bytes); run again")
-                if fmt == "csv" and index == 0:
-                    columns = _csv_columns(data)
-                ids.append(chunk_id)
-                self.metrics.success("ingestion", length, time.perf_counter() - started)
-                self.stats.chunks += 1
-                self.stats.bytes += length
-                yield Chunk(chunk_id=chunk_id, file=source_file.rel_path, index=index,
-                            offset=offset, size_bytes=length, source_cloud=source_cloud,
-                            path=source_file.path, record_format=fmt, csv_columns=columns,
-                            at_file_end=offset + length >= source_file.size, data=data)
-            self.stats.files += 1
-            self.stats.file_entries.append(FileEntry(
-                path=source_file.rel_path, size=source_file.size, chunk_count=len(ids),
-                digest=file_digest(ids)))
+        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes, str]]]] = deque()
+        progress: dict[str, _FileProgress] = {}
+        try:
+            for piece in _plan(files, size):
+                state = progress.setdefault(piece.file.rel_path, _FileProgress())
+                if piece.length == 0:
+                    self._file_done(piece.file, state)
+                    continue
+                # Never block on a slot while holding chunks the consumer has not seen.
+                while inflight is not None and inflight.locked() and window:
+                    yield await self._complete(*window.popleft(), source_cloud, progress)
+                if inflight is not None:
+                    await inflight.acquire()
+                window.append((piece, asyncio.create_task(self._read(piece))))
+                if len(window) >= self.config.read_ahead:
+                    yield await self._complete(*window.popleft(), source_cloud, progress)
+            while window:
+                yield await self._complete(*window.popleft(), source_cloud, progress)
+        finally:
+            for _, task in window:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in window), return_exceptions=True)
+
+    async def _read(self, piece: _Piece) -> tuple[bytes, str]:
+        self.metrics.attempt("ingestion")
+        with self.metrics.busy("ingestion"):
+            return await asyncio.to_thread(_read_and_hash, piece.file.path, piece.offset,
+                                           piece.length)
+
+    async def _complete(self, piece: _Piece, task: asyncio.Task[tuple[bytes, str]],
+                        source_cloud: str, progress: dict[str, _FileProgress]) -> Chunk:
+        started = time.perf_counter()
+        source_file = piece.file
+        try:
+            data, chunk_id = await task
+        except OSError as exc:
+            self.stats.failures += 1
+            self.metrics.failure("ingestion")
+            raise SourceError(f"cannot read {source_file.path}: {exc.strerror}") from exc
+        if len(data) != piece.length:
+            self.stats.failures += 1
+            self.metrics.failure("ingestion")
+            raise SourceError(f"{source_file.path} changed while it was read "
+                              f"(expected {source_file.size} bytes); run again")
+        state = progress[source_file.rel_path]
+        fmt = source_file.record_format
+        if fmt == "csv" and piece.index == 0:
+            state.csv_columns = _csv_columns(data)
+        state.ids.append(chunk_id)
+        self.metrics.success("ingestion", piece.length, time.perf_counter() - started)
+        self.stats.chunks += 1
+        self.stats.bytes += piece.length
+        at_end = piece.offset + piece.length >= source_file.size
+        if at_end:
+            self._file_done(source_file, state)
+        return Chunk(chunk_id=chunk_id, file=source_file.rel_path, index=piece.index,
+                     offset=piece.offset, size_bytes=piece.length, source_cloud=source_cloud,
+                     path=source_file.path, record_format=fmt, csv_columns=state.csv_columns,
+                     at_file_end=at_end, data=data)
+
+    def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
+        self.stats.files += 1
+        self.stats.file_entries.append(FileEntry(
+            path=source_file.rel_path, size=source_file.size, chunk_count=len(state.ids),
+            digest=file_digest(state.ids)))
 
     async def ingest_batch(self, source: str | Path | dict[str, Any]) -> list[Chunk]:
         """Chunk and hash a whole source; returns chunk metadata (bytes are re-read later)."""
         path, cloud = self.resolve(source)
         files = await asyncio.to_thread(list_source, path)
         chunks = []
-        async for chunk in self.iter_chunks(files, cloud):
-            chunk.data = None  # keep memory flat: processing re-reads from chunk.path
-            chunks.append(chunk)
+        async with aclosing(self.iter_chunks(files, cloud)) as stream:
+            async for chunk in stream:
+                chunk.data = None  # keep memory flat: processing re-reads from chunk.path
+                chunks.append(chunk)
         return chunks
 
     async def chunk_file(self, name: str, data: bytes | memoryview,

@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,8 +249,9 @@ class PipelineOrchestrator:
 
     async def _stream(self, files: list[SourceFile], cloud: str, force: bool) -> None:
         inflight = asyncio.Semaphore(self.config.ingestion.max_inflight_chunks)
-        async with asyncio.TaskGroup() as group:
-            async for chunk in self.ingestion_engine.iter_chunks(files, cloud, inflight.acquire):
+        chunks = self.ingestion_engine.iter_chunks(files, cloud, inflight)
+        async with asyncio.TaskGroup() as group, aclosing(chunks):
+            async for chunk in chunks:
                 group.create_task(self._chunk_flow(chunk, force, inflight))
         self.metrics.record_stage(Stage.INGESTION, self.ingestion_engine.stats.chunks)
 
