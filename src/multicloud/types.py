@@ -47,6 +47,10 @@ class Chunk:
     record_format: str | None = None  # "jsonl" / "csv" when records are validated
     csv_columns: int | None = None  # field count from the CSV header, for later chunks
     at_file_end: bool = True  # whether the chunk's last line is complete by construction
+    # The unfinished last line of the file's previous chunk (b"" when that chunk ended on a
+    # newline, None when unknown), so the line that straddles the boundary is validated
+    # here, by the chunk it ends in.
+    line_prefix: bytes | None = field(default=None, repr=False)
     # The raw bytes while they are in flight; dropped once processed.
     data: bytes | memoryview | None = field(default=None, repr=False, compare=False)
 

@@ -79,6 +79,9 @@ def _merge_membership(root: Path, wanted: list[NodeSpec]) -> list[NodeSpec]:
     if merged != known:
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"nodes": [s.model_dump() for s in specs]}, indent=2))
+        with tmp.open("w") as handle:
+            handle.write(json.dumps({"nodes": [s.model_dump() for s in specs]}, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     return specs

@@ -44,6 +44,9 @@ class NodeService:
         self._workers: ThreadPoolExecutor | None = None
         self._chain: TransformChain | None = None
         self._staged: dict[str, bytes] = {}
+        # The same chunk can be in flight twice at once (identical pieces of two files):
+        # a staged blob stays until every processing of it has been released.
+        self._staged_refs: dict[str, int] = {}
         self.configure(processing or ProcessingConfig())
 
     def configure(self, processing: ProcessingConfig) -> None:
@@ -62,7 +65,8 @@ class NodeService:
         if self._workers is None or self._chain is None:
             raise RuntimeError("NodeService.configure() was not called")
         blob, info = await self._run(self._workers, self._chain.apply, chunk, data)
-        self._staged[info.chunk_id] = blob
+        self._staged.setdefault(info.chunk_id, blob)
+        self._staged_refs[info.chunk_id] = self._staged_refs.get(info.chunk_id, 0) + 1
         return info
 
     def staged_blob(self, chunk_id: str) -> bytes | None:
@@ -71,7 +75,17 @@ class NodeService:
 
     def release(self, chunk_id: str) -> None:
         """Drop a staged blob once every replica write for it has finished."""
+        refs = self._staged_refs.get(chunk_id, 0) - 1
+        if refs > 0:
+            self._staged_refs[chunk_id] = refs
+            return
+        self._staged_refs.pop(chunk_id, None)
         self._staged.pop(chunk_id, None)
+
+    def drop_staged(self) -> None:
+        """Forget every staged blob (what a crash does to memory)."""
+        self._staged.clear()
+        self._staged_refs.clear()
 
     async def blob_for_push(self, chunk_id: str) -> bytes:
         """The bytes to send to another node: the staged blob, else the stored, verified one."""
@@ -138,6 +152,7 @@ class NodeService:
     def close(self) -> None:
         """Stop the node's threads."""
         self._staged.clear()
+        self._staged_refs.clear()
         if self._workers is not None:
             self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)

@@ -208,8 +208,10 @@ class DistributionCoordinator:
             if src.id != dst.id:
                 self.timeouts.observe(link, time.perf_counter() - started, blob.blob_size)
             state.acks.append(ack)
-            if state.result is not None and self.on_late_ack is not None:
-                self.on_late_ack(state.result, ack)
+            if state.result is not None:  # quorum was reached earlier: a late ack
+                state.result.replicas.append(ack)
+                if self.on_late_ack is not None:
+                    self.on_late_ack(state.result, ack)
             if len(state.acks) >= state.quorum:
                 state.done.set()
             return

@@ -37,6 +37,20 @@ def file_digest(chunk_ids: list[str]) -> str:
     return digest.hexdigest()
 
 
+_MAX_CARRY = 1024 * 1024  # longer unfinished lines are not carried (nor checked whole)
+
+
+def line_carry(prefix: bytes | None, data: bytes | memoryview) -> bytes | None:
+    """The unfinished last line after data, given the unfinished line before it."""
+    view = memoryview(data)
+    newline = bytes(view[-_MAX_CARRY - 1:]).rfind(b"\n")
+    if newline >= 0:
+        return bytes(view[len(view) - min(len(view), _MAX_CARRY + 1) + newline + 1:])
+    if prefix is None or len(prefix) + len(view) > _MAX_CARRY:
+        return None
+    return prefix + bytes(view)
+
+
 def _read(path: Path, offset: int, size: int) -> bytes:
     with path.open("rb") as handle:
         handle.seek(offset)
@@ -77,6 +91,7 @@ class _Piece:
 class _FileProgress:
     ids: list[str] = field(default_factory=list)
     csv_columns: int | None = None
+    carry: bytes | None = b""  # the unfinished last line so far
 
 
 def _plan(files: list[SourceFile], size: int) -> Iterator[_Piece]:
@@ -183,6 +198,9 @@ class DataIngestionEngine:
         if fmt == "csv" and piece.index == 0:
             state.csv_columns = _csv_columns(data)
         state.ids.append(chunk_id)
+        prefix = state.carry if piece.index > 0 else None
+        if fmt is not None:
+            state.carry = line_carry(prefix if piece.index > 0 else b"", data)
         self.metrics.success("ingestion", piece.length, time.perf_counter() - started)
         self.stats.chunks += 1
         self.stats.bytes += piece.length
@@ -192,7 +210,7 @@ class DataIngestionEngine:
         return Chunk(chunk_id=chunk_id, file=source_file.rel_path, index=piece.index,
                      offset=piece.offset, size_bytes=piece.length, source_cloud=source_cloud,
                      path=source_file.path, record_format=fmt, csv_columns=state.csv_columns,
-                     at_file_end=at_end, data=data)
+                     at_file_end=at_end, line_prefix=prefix, data=data)
 
     def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
         self.stats.files += 1
@@ -219,13 +237,18 @@ class DataIngestionEngine:
         cloud = source_cloud or self.default_cloud
         fmt = SourceFile(name, Path(name), len(view)).record_format
         chunks = []
+        carry: bytes | None = b""
         for index, offset in enumerate(range(0, len(view), size)):
             piece = view[offset:offset + size]
             chunk_id = await asyncio.to_thread(_hash, piece)
+            prefix = carry if index > 0 else None
+            if fmt is not None:
+                carry = line_carry(prefix if index > 0 else b"", piece)
             chunks.append(Chunk(chunk_id=chunk_id, file=name, index=index, offset=offset,
                                 size_bytes=len(piece), source_cloud=cloud, record_format=fmt,
                                 csv_columns=_csv_columns(view) if fmt == "csv" else None,
-                                at_file_end=offset + len(piece) >= len(view), data=piece))
+                                at_file_end=offset + len(piece) >= len(view),
+                                line_prefix=prefix, data=piece))
         self.stats.chunks += len(chunks)
         self.stats.bytes += len(view)
         return chunks

@@ -191,6 +191,13 @@ class PipelineOrchestrator:
         finally:
             unsubscribe()
             self._finished = time.perf_counter()
+            if self.pipeline_status is PipelineStatus.RUNNING:
+                # Cancelled, or a bug: leave the orchestrator usable and the batch marked.
+                self.pipeline_status = PipelineStatus.FAILED
+                if begun:
+                    await asyncio.shield(asyncio.to_thread(
+                        self.storage_manager.manifest.finish_batch, batch_id, "failed",
+                        {"status": "failed", "error": "interrupted"}))
             self._wake_waiters(force=True)
         return result
 

@@ -80,7 +80,11 @@ def infer_source_cloud(source: str | Path, default: str) -> str:
         return "aws"
     if text.startswith("gs://"):
         return "gcp"
-    for word in reversed(re.split(r"[^a-z0-9]+", text)):
-        if word in _CLOUD_WORDS:
-            return _CLOUD_WORDS[word]
+    # Only the last two path components name the bucket; words further up (a home
+    # directory called aws-admin, a temp dir) say nothing about where the data lives.
+    parts = [p for p in re.split(r"[/\\]+", text.rstrip("/\\")) if p not in ("", ".")]
+    for part in reversed(parts[-2:]):
+        for word in reversed(re.split(r"[^a-z0-9]+", part)):
+            if word in _CLOUD_WORDS:
+                return _CLOUD_WORDS[word]
     return default

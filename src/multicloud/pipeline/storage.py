@@ -133,8 +133,14 @@ class StorageManager:
     async def store_distributed_chunks(self, distributed: list[DistributedChunk],
                                        ) -> list[StoredChunk]:
         """Commit many distributed chunks and write them to the manifest."""
+        adhoc = self.batch_id is None
         stored = [self.commit(d) for d in distributed]
         await self.flush()
+        if adhoc and self.batch_id is not None:
+            # Stage-by-stage use: the ad-hoc batch is complete once its chunks are in.
+            await asyncio.to_thread(self.manifest.finish_batch, self.batch_id,
+                                    "success" if all(s.committed for s in stored) else "failed")
+            self.batch_id = None
         return stored
 
     async def repair(self, chunk_ids: Iterable[str] | None = None) -> RepairReport:

@@ -363,12 +363,38 @@ def _check_chunk(chunk: Chunk, view: memoryview) -> bytes:
 
 
 def _check_records(chunk: Chunk, data: bytes) -> None:
+    if chunk.offset > 0 and chunk.line_prefix is not None:
+        _check_boundary_line(chunk, data, chunk.line_prefix)
     if chunk.record_format == "jsonl":
         _check_jsonl(chunk, data)
     elif b'"' in data:
         _check_quoted_csv(chunk, data)
     else:
         _check_plain_csv(chunk, data)
+
+
+def _check_boundary_line(chunk: Chunk, data: bytes, prefix: bytes) -> None:
+    """Check the line the previous chunk began and this one finishes (the rest of the checks
+    skip a chunk's first line, which may start mid-line)."""
+    end = data.find(b"\n")
+    if end < 0:
+        if not chunk.at_file_end:
+            return  # the line goes on into the next chunk, which checks it
+        end = len(data)
+    line = prefix + data[:end]
+    if not line.strip(b" \t\r"):
+        return
+    where = f"{_where(chunk)}: the line ending at byte {chunk.offset + end} of the file"
+    if chunk.record_format == "jsonl":
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationFailed(f"{where} is not valid JSON: {exc.msg}") from None
+    elif chunk.csv_columns is not None and b'"' not in line:
+        fields = line.count(b",") + 1
+        if fields != chunk.csv_columns:
+            raise ValidationFailed(f"{where} has {fields} fields, expected {chunk.csv_columns} "
+                                   f"(csv_columns from the file's header)")
 
 
 def _tail_is_partial(chunk: Chunk, data: bytes) -> bool:

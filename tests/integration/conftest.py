@@ -1,0 +1,67 @@
+"""Integration fixtures: extra orchestrators on the test cluster, and whole-tree checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from multicloud import NodeRegistry, PipelineConfig, PipelineOrchestrator, RestoreReport
+
+AssertRestored = Callable[..., Awaitable[RestoreReport]]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Relative path (forward slashes) -> bytes of every regular file under root, or root."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_tree(source: Path, restored: Path) -> None:
+    """Every source file exists under restored with the same bytes, and nothing else does."""
+    want, got = tree(source), tree(restored)
+    assert sorted(got) == sorted(want)
+    different = [path for path in want if got[path] != want[path]]
+    assert not different, f"restored files differ from the source: {different[:5]}"
+
+
+@pytest.fixture
+async def make_orchestrator(
+    setup_test_cluster: NodeRegistry, config: PipelineConfig,
+) -> AsyncIterator[Callable[..., PipelineOrchestrator]]:
+    """Orchestrators on the test cluster with section overrides of the 64 KiB config."""
+    made: list[PipelineOrchestrator] = []
+
+    def make(**sections: dict[str, object]) -> PipelineOrchestrator:
+        orch = PipelineOrchestrator(setup_test_cluster,
+                                    config=config.replace(**sections) if sections else config)
+        made.append(orch)
+        return orch
+
+    yield make
+    for orch in made:
+        await orch.close()
+
+
+@pytest.fixture
+def assert_restored(tmp_path: Path) -> AssertRestored:
+    """Restore a batch into a fresh directory and check it equals the source, byte for byte."""
+    count = 0
+
+    async def check(orchestrator: PipelineOrchestrator, batch_id: str, source: Path,
+                    dest: Path | None = None) -> RestoreReport:
+        nonlocal count
+        count += 1
+        dest = dest or tmp_path / f"restored-{count}"
+        report = await orchestrator.restore_batch(batch_id, dest)
+        assert_same_tree(source, dest)
+        want = tree(source)
+        assert report.files_restored == len(want)
+        assert report.bytes_restored == sum(len(b) for b in want.values())
+        assert report.failed_files == []
+        return report
+
+    return check
