@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -19,12 +20,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from multicloud.cluster.auth import TOKEN_ENV, resolve_token
+from multicloud.cluster.launcher import cluster_down, cluster_up, read_state
 from multicloud.cluster.local import create_local_cluster
+from multicloud.cluster.process import wait_for_signal, write_ready_file
 from multicloud.cluster.registry import NodeRegistry
+from multicloud.cluster.remote import connect_cluster
 from multicloud.config import PipelineConfig, load_config
 from multicloud.errors import MulticloudError
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.pipeline.storage import manifest_path
+from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.types import PipelineResult
 from multicloud.units import format_bytes, parse_size
 
@@ -50,11 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(handler=cmd_gen_data)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
         p.add_argument("--config-dir", type=Path, default=Path("config"),
                        help="YAML config dir (missing files mean defaults)")
         p.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR),
-                       help="where the embedded cluster keeps its nodes and manifest")
+                       help="where the manifest (and the embedded cluster's nodes) live")
+        if cluster:
+            p.add_argument("--cluster", metavar="URL",
+                           help="registry URL of a running cluster (default: embedded)")
+        p.add_argument("--token-file", type=Path,
+                       help=f"cluster token (default: ${TOKEN_ENV}, else DATA_DIR/token)")
 
     run = sub.add_parser("run", help="run the pipeline on a source directory or file")
     run.add_argument("--source", required=True, help="directory or file (a bucket stand-in)")
@@ -84,12 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
     common(batches)
     batches.set_defaults(handler=cmd_batches)
 
+    reg = sub.add_parser("registry", help="run the node registry service (cluster mode)")
+    reg.add_argument("--host", help="bind address (default: loopback, from cluster_config.yml)")
+    reg.add_argument("--port", type=int, help="port (default 7400; 0 picks a free one)")
+    common(reg, cluster=False)
+    reg.set_defaults(handler=cmd_registry)
+
+    node = sub.add_parser("node", help="run a worker node (cluster mode)")
+    node.add_argument("--cloud", default=os.environ.get("CLOUD_PROVIDER"),
+                      help="cloud of this node (default: $CLOUD_PROVIDER)")
+    node.add_argument("--region", help="region (default: the cloud's first region)")
+    node.add_argument("--id", dest="node_id", help="node id (default: the registry names it)")
+    node.add_argument("--host", help="bind address (default: loopback)")
+    node.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    node.add_argument("--registry", default="http://127.0.0.1:7400", help="registry URL")
+    common(node, cluster=False)
+    node.set_defaults(handler=cmd_node)
+
     cluster = sub.add_parser("cluster", help="inspect the cluster")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     status = cluster_sub.add_parser("status", help="nodes by cloud, health, chunks stored")
     status.add_argument("--json", action="store_true")
     common(status)
     status.set_defaults(handler=cmd_cluster_status)
+    up = cluster_sub.add_parser("up", help="start the registry and the config's nodes")
+    up.add_argument("--registry-port", type=int, help="default from cluster_config.yml; 0: any")
+    up.add_argument("--node-base-port", type=int, help="first node port; 0: any free ports")
+    up.add_argument("--json", action="store_true")
+    common(up, cluster=False)
+    up.set_defaults(handler=cmd_cluster_up)
+    down = cluster_sub.add_parser("down", help="stop what `cluster up` started")
+    common(down, cluster=False)
+    down.set_defaults(handler=cmd_cluster_down)
     return parser
 
 
@@ -113,16 +149,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _open(args: argparse.Namespace) -> tuple[PipelineConfig, NodeRegistry]:
+async def _open(args: argparse.Namespace,
+                read_only: bool = False) -> tuple[PipelineConfig, NodeRegistry]:
+    """The config, and the cluster: embedded under the data dir, or running at --cluster.
+
+    read_only: the command only reads, so the embedded cluster's membership is not changed.
+    """
     config = load_config(args.config_dir)
-    registry = create_local_cluster(args.data_dir, config=config.cluster, storage=config.storage)
+    if getattr(args, "cluster", None):
+        token = resolve_token(args.token_file, args.data_dir)
+        registry = await connect_cluster(args.cluster, token, config.cluster,
+                                         data_dir=args.data_dir)
+        return config, registry
+    registry = create_local_cluster(args.data_dir, config=config.cluster, storage=config.storage,
+                                    join=not read_only)
     return config, registry
 
 
-def _require_manifest(registry: NodeRegistry) -> None:
-    if not manifest_path(registry).exists():
-        raise CliError(f"no pipeline has run with data dir {registry.data_dir} yet: "
-                       f"run `multicloud run --source DIR --data-dir {registry.data_dir}` first")
+def _require_manifest(args: argparse.Namespace) -> None:
+    if not (args.data_dir / MANIFEST_FILE).exists():
+        raise CliError(f"no pipeline has run with data dir {args.data_dir} yet: "
+                       f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
+
+
+async def cmd_registry(args: argparse.Namespace) -> int:
+    """multicloud registry: serve membership and failure detection until stopped."""
+    from multicloud.cluster.registry_server import RegistryServer
+
+    config = load_config(args.config_dir)
+    service = config.cluster.service
+    token = resolve_token(args.token_file, args.data_dir, create=True)
+    server = RegistryServer(args.data_dir, token, service, host=args.host or service.host,
+                            port=service.registry_port if args.port is None else args.port)
+    url = await server.start()
+    ready = write_ready_file(args.data_dir, "registry", url)
+    print(f"registry listening on {url} (token in {args.data_dir / 'token'}, ready file "
+          f"{ready})", flush=True)
+    try:
+        await wait_for_signal()
+    finally:
+        await server.stop()
+    return EXIT_OK
+
+
+async def cmd_node(args: argparse.Namespace) -> int:
+    """multicloud node: serve chunks and processing until stopped (SIGTERM drains)."""
+    from multicloud.cluster.node_server import NodeServer
+
+    config = load_config(args.config_dir)
+    if not args.cloud:
+        raise CliError("a node needs a cloud: pass --cloud aws or set CLOUD_PROVIDER")
+    regions = config.cluster.regions.get(args.cloud)
+    region = args.region or (regions[0] if regions else None)
+    if region is None:
+        raise CliError(f"cloud {args.cloud!r} has no regions in cluster_config.yml "
+                       f"(known: {', '.join(sorted(config.cluster.regions))}); pass --region")
+    service = config.cluster.service
+    token = resolve_token(args.token_file, args.data_dir)
+    server = NodeServer(args.data_dir, token, args.cloud, region, node_id=args.node_id,
+                        registry_url=args.registry, service=service,
+                        host=args.host or service.host, port=args.port,
+                        capacity_bytes=int(config.cluster.node_capacity_gb * 1024**3),
+                        fsync=config.storage.fsync)
+    try:
+        url = await server.start()
+        write_ready_file(args.data_dir, server.node_id or "node", url)
+        print(f"node {server.node_id} ({args.cloud}/{region}) serving on {url}", flush=True)
+        await wait_for_signal()
+    finally:
+        await server.stop()
+    return EXIT_OK
 
 
 async def cmd_gen_data(args: argparse.Namespace) -> int:
@@ -140,7 +236,7 @@ async def cmd_gen_data(args: argparse.Namespace) -> int:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """multicloud run --source DIR."""
-    config, registry = _open(args)
+    config, registry = await _open(args)
     orchestrator = PipelineOrchestrator(registry, config=config)
     batch_config: dict[str, Any] = {"data_source": args.source,
                                     "force_cross_cloud": args.force_cross_cloud}
@@ -227,8 +323,8 @@ def _print_summary(console: Console, result: PipelineResult) -> None:
 
 async def cmd_restore(args: argparse.Namespace) -> int:
     """multicloud restore BATCH --to DIR."""
-    config, registry = _open(args)
-    _require_manifest(registry)
+    _require_manifest(args)
+    config, registry = await _open(args, read_only=True)
     orchestrator = PipelineOrchestrator(registry, config=config)
     try:
         report = await orchestrator.restore_batch(args.batch_id, args.dest)
@@ -248,8 +344,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     """multicloud verify BATCH."""
-    config, registry = _open(args)
-    _require_manifest(registry)
+    _require_manifest(args)
+    config, registry = await _open(args, read_only=True)
     orchestrator = PipelineOrchestrator(registry, config=config)
     try:
         report = await orchestrator.verify_batch(args.batch_id)
@@ -268,9 +364,9 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 
 async def cmd_batches(args: argparse.Namespace) -> int:
     """multicloud batches."""
-    config, registry = _open(args)
+    _require_manifest(args)
+    config, registry = await _open(args, read_only=True)
     try:
-        _require_manifest(registry)
         orchestrator = PipelineOrchestrator(registry, config=config)
         records = orchestrator.storage_manager.manifest.batches()
         await orchestrator.close()
@@ -285,22 +381,55 @@ async def cmd_batches(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_cluster_up(args: argparse.Namespace) -> int:
+    """multicloud cluster up."""
+    config = load_config(args.config_dir)
+    console = Console(stderr=True)
+    with console.status("starting the registry and nodes ..."):
+        state = await cluster_up(args.data_dir, args.config_dir, config,
+                                 registry_port=args.registry_port,
+                                 node_base_port=args.node_base_port)
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        print(f"cluster up: registry {state['registry']}, {len(state['processes']) - 1} nodes "
+              f"healthy; logs in {args.data_dir / 'run'}")
+        print(f"use it with: multicloud run --cluster {state['registry']} --data-dir "
+              f"{args.data_dir} --source DIR")
+    return EXIT_OK
+
+
+async def cmd_cluster_down(args: argparse.Namespace) -> int:
+    """multicloud cluster down."""
+    stopped = await asyncio.to_thread(cluster_down, args.data_dir)
+    print(f"stopped {len(stopped)} processes: {', '.join(stopped)}")
+    return EXIT_OK
+
+
 async def cmd_cluster_status(args: argparse.Namespace) -> int:
-    """multicloud cluster status."""
-    _, registry = _open(args)
+    """multicloud cluster status (embedded, --cluster URL, or what `cluster up` started)."""
+    state = read_state(args.data_dir)
+    if not args.cluster and state is not None:
+        args.cluster = state["registry"]
+    _, registry = await _open(args)
     try:
         rows: list[dict[str, Any]] = []
         for node in registry.nodes.values():
-            chunks, nbytes = await registry.transport.usage(node)
+            try:
+                chunks, nbytes = await registry.transport.usage(node)
+            except MulticloudError:
+                chunks, nbytes = 0, 0  # a node that is down: its row still shows it
             rows.append({"id": node.id, "cloud": node.cloud, "region": node.region,
-                         "status": node.status.value, "chunks": chunks, "bytes": nbytes,
-                         "capacity_bytes": node.capacity_bytes})
+                         "status": node.status.value, "url": node.url, "chunks": chunks,
+                         "bytes": nbytes, "capacity_bytes": node.capacity_bytes})
     finally:
         await registry.close()
     if args.json:
-        print(json.dumps({"data_dir": str(args.data_dir), "nodes": rows}, indent=2))
+        where = {"registry": args.cluster} if args.cluster else {"data_dir": str(args.data_dir)}
+        print(json.dumps({**where, "nodes": rows}, indent=2))
         return EXIT_OK
-    table = Table(title=f"embedded cluster at {args.data_dir}")
+    title = f"cluster at {args.cluster}" if args.cluster else f"embedded cluster at {args.data_dir}"
+    table = Table(title=title)
     for column in ("node", "cloud", "region", "status", "chunks", "stored"):
         table.add_column(column)
     for row in sorted(rows, key=lambda r: (r["cloud"], r["id"])):

@@ -181,6 +181,25 @@ def _default_regions() -> dict[str, list[str]]:
     }
 
 
+class ServiceConfig(_Strict):
+    """Cluster mode: where the registry and nodes listen, and how failures are detected."""
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
+    registry_port: int = Field(7400, ge=0, le=65535)
+    node_base_port: int = Field(7410, ge=0, le=65535, description="cluster up: first node port")
+    heartbeat_interval_s: float = Field(0.5, gt=0)
+    failure_timeout_s: float = Field(
+        3.0, gt=0, description="a node missing heartbeats this long is unhealthy")
+    max_body_mb: float = Field(256.0, gt=0, description="largest request body a server takes")
+
+    @model_validator(mode="after")
+    def _timeout_after_interval(self) -> ServiceConfig:
+        if self.failure_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(f"failure_timeout_s ({self.failure_timeout_s}) must be longer "
+                             f"than heartbeat_interval_s ({self.heartbeat_interval_s})")
+        return self
+
+
 class ClusterConfig(_Strict):
     """Clouds, regions, nodes and the links between them."""
 
@@ -196,6 +215,7 @@ class ClusterConfig(_Strict):
         default_factory=_default_links
     )
     link_overrides: list[LinkOverride] = Field(default_factory=list)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
 
     @model_validator(mode="after")
     def _known_clouds(self) -> ClusterConfig:

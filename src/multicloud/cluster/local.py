@@ -29,11 +29,13 @@ def create_local_cluster(
     seed: int | None = None,
     config: ClusterConfig | None = None,
     storage: StorageConfig | None = None,
+    join: bool = True,
 ) -> NodeRegistry:
     """Start (or reopen) an embedded cluster under data_dir and return its registry.
 
-    Nodes already recorded under data_dir keep their data and rejoin; nodes the config
-    adds join. Keyword arguments override the matching config fields.
+    Nodes already recorded under data_dir keep their data and rejoin; with `join`, nodes
+    the config adds join too (and cluster.json records them); without it, a reader sees
+    the recorded membership and changes nothing. Keyword arguments override config fields.
     """
     config = config or ClusterConfig()
     overrides: dict[str, object] = {}
@@ -48,7 +50,7 @@ def create_local_cluster(
     storage = storage or StorageConfig()
 
     root = Path(data_dir)
-    specs = _merge_membership(root, config.node_specs())
+    specs = _merge_membership(root, config.node_specs(), write=join)
     topology = NetworkTopology(config)
     services = {
         spec.id: NodeService(spec.id, ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync))
@@ -61,8 +63,8 @@ def create_local_cluster(
     return registry
 
 
-def _merge_membership(root: Path, wanted: list[NodeSpec]) -> list[NodeSpec]:
-    """Known nodes from cluster.json, plus any the config adds; writes the result back."""
+def _merge_membership(root: Path, wanted: list[NodeSpec], write: bool) -> list[NodeSpec]:
+    """Known nodes from cluster.json, plus any the config adds (written back with write)."""
     path = root / MEMBERSHIP_FILE
     known: dict[str, NodeSpec] = {}
     if path.exists():
@@ -72,11 +74,13 @@ def _merge_membership(root: Path, wanted: list[NodeSpec]) -> list[NodeSpec]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is damaged ({exc}); move it away to start a new "
                               f"cluster, or restore it from a backup") from exc
+    if known and not write:
+        return sorted(known.values(), key=lambda s: s.id)
     merged = dict(known)
     for spec in wanted:
         merged.setdefault(spec.id, spec)
     specs = sorted(merged.values(), key=lambda s: s.id)
-    if merged != known:
+    if write and merged != known:
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as handle:

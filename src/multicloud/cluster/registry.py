@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +85,7 @@ class NodeRegistry:
         self.transport = transport
         self.nodes: dict[str, WorkerNode] = {}
         self._listeners: list[StatusListener] = []
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
         for node in nodes:
             self.add(node)
 
@@ -139,6 +140,13 @@ class NodeRegistry:
         if node is not None:
             node.consecutive_failures = 0
 
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run closer when the registry closes (a membership watcher, for one)."""
+        self._on_close.append(closer)
+
     async def close(self) -> None:
-        """Release the transport."""
+        """Stop what watches the cluster, then release the transport."""
+        for closer in reversed(self._on_close):
+            await closer()
+        self._on_close.clear()
         await self.transport.close()

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from multicloud.cluster.node_service import NodeService
-from multicloud.cluster.topology import Link, Location, NetworkTopology, TrafficLedger
+from multicloud.cluster.topology import (
+    Link,
+    LinkEmulator,
+    Location,
+    NetworkTopology,
+    TrafficLedger,
+)
 from multicloud.cluster.transport import ReplicaState, Transport
 from multicloud.config import ProcessingConfig
 from multicloud.errors import NodeUnavailable
@@ -54,7 +59,7 @@ class SimulatedTransport(Transport):
         self.partitions: set[frozenset[str]] = set()
         self._crash_on_write: dict[str, int] = {}
         self._gates: dict[str, WriteGate] = {}
-        self._link_free_at: dict[str, float] = {}
+        self.links = LinkEmulator(time_scale)
         self._registry: NodeRegistry | None = None
 
     def attach(self, registry: NodeRegistry) -> None:
@@ -66,7 +71,7 @@ class SimulatedTransport(Transport):
     def crash(self, node_id: str) -> None:
         """The node stops answering; its staged (unstored) blobs are lost, its disk is kept."""
         self.crashed.add(node_id)
-        self.services[node_id]._staged.clear()
+        self.services[node_id].drop_staged()
 
     def restart(self, node_id: str) -> None:
         """Bring a crashed node back with its data dir; it rejoins as healthy."""
@@ -179,15 +184,7 @@ class SimulatedTransport(Transport):
 
     async def _move(self, link: Link, nbytes: int) -> None:
         self.ledger.charge(link, nbytes)
-        if self.time_scale <= 0:
-            return
-        # One FIFO pipe per link: a transfer starts when the link is free, occupies it for
-        # size/bandwidth, and arrives one latency later.
-        now = time.monotonic()
-        start = max(now, self._link_free_at.get(link.name, now))
-        busy = nbytes / link.bandwidth_bps * self.time_scale
-        self._link_free_at[link.name] = start + busy
-        await asyncio.sleep(start + busy + link.latency_s * self.time_scale - now)
+        await self.links.transfer(link, nbytes)
 
     async def _before_write(self, dst: WorkerNode) -> None:
         gate = self._gates.get(dst.id)

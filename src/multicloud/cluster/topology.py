@@ -7,7 +7,9 @@ do. The `TrafficLedger` adds transfers up per link for the run's metrics.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,6 +138,35 @@ class NetworkTopology:
 def _matches(pattern: str, location: Location) -> bool:
     """An override names a cloud ("aws") or a cloud and region ("aws/us-east-1")."""
     return pattern in (location.cloud, str(location))
+
+
+class LinkEmulator:
+    """Makes transfers take their link's time, scaled by time_scale (0 skips the waiting).
+
+    Each link is a FIFO pipe: a transfer starts when the link is free, occupies it for
+    size / bandwidth, and arrives one latency later, so concurrent transfers share the
+    bandwidth. The sender of the bytes applies it, in both transports.
+    """
+
+    def __init__(self, time_scale: float) -> None:
+        self.time_scale = time_scale
+        self._free_at: dict[str, float] = {}
+
+    def delay(self, link: Link, nbytes: int) -> float:
+        """Reserve the link for nbytes; the seconds from now until they arrive."""
+        if self.time_scale <= 0:
+            return 0.0
+        now = time.monotonic()
+        start = max(now, self._free_at.get(link.name, now))
+        busy = nbytes / link.bandwidth_bps * self.time_scale
+        self._free_at[link.name] = start + busy
+        return start + busy + link.latency_s * self.time_scale - now
+
+    async def transfer(self, link: Link, nbytes: int) -> None:
+        """Wait as long as moving nbytes over link takes."""
+        seconds = self.delay(link, nbytes)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FLUSH_EVERY = 64  # chunks per manifest transaction
+MANIFEST_FILE = "manifest.db"
 
 
 @dataclass
@@ -55,7 +56,7 @@ def manifest_path(node_registry: NodeRegistry) -> Path:
     """Where the cluster's manifest lives."""
     if node_registry.data_dir is None:
         raise StorageError("this cluster has no data dir, so there is no manifest to use")
-    return node_registry.data_dir / "manifest.db"
+    return node_registry.data_dir / MANIFEST_FILE
 
 
 class StorageManager:
@@ -70,7 +71,7 @@ class StorageManager:
         self.config = config or StorageConfig()
         self.distribution = distribution or DistributionConfig()
         self._owns_manifest = manifest is None
-        self.manifest = manifest or Manifest(manifest_path(node_registry))
+        self._manifest = manifest
         self.metrics = metrics or PipelineMetrics()
         self.placement = placement or NetworkAwarePlacement(node_registry, None, self.distribution)
         self.timeouts = AdaptiveTimeouts(self.distribution.timeouts)
@@ -79,6 +80,13 @@ class StorageManager:
         self._pending_chunks: list[tuple[Chunk, BlobInfo]] = []
         self._pending_replicas: list[tuple[str, str]] = []
         self._flush_lock = asyncio.Lock()
+
+    @property
+    def manifest(self) -> Manifest:
+        """The cluster's manifest, opened on first use (a run that never starts makes none)."""
+        if self._manifest is None:
+            self._manifest = Manifest(manifest_path(self.registry))
+        return self._manifest
 
     def begin(self, batch_id: str) -> None:
         """Commit what follows under this batch."""
@@ -262,5 +270,5 @@ class StorageManager:
 
     def close(self) -> None:
         """Close the manifest if this manager opened it."""
-        if self._owns_manifest:
-            self.manifest.close()
+        if self._owns_manifest and self._manifest is not None:
+            self._manifest.close()

@@ -1,0 +1,401 @@
+"""The `multicloud` command line end to end: every command's happy path, and bad input
+rendered as one `error:` line with exit code 2 and nothing half-written.
+
+Commands run in-process through `multicloud.cli.main` (so coverage sees them); one test
+runs the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multicloud.cli import main
+
+CHUNK = 64 * 1024  # chunk_size_mb 0.0625, as the config dir below sets
+DATASET_BYTES = 2 * 1024 * 1024
+METRIC_KEYS = {"ingestion", "processing", "distribution", "storage", "node_failures_handled",
+               "duration_seconds", "throughput_mb_s"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Exit code and captured output of one command."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        """stdout parsed as JSON."""
+        return json.loads(self.out)
+
+
+class Cli:
+    """Runs `multicloud` in-process against one config dir and one data dir."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], root: Path) -> None:
+        self.capsys = capsys
+        self.root = root
+        self.config_dir = root / "cfg"
+        self.data_dir = root / "dd"
+        self.config_dir.mkdir()
+        self.write_config("ingestion", "chunk_size_mb: 0.0625\n")
+
+    def __call__(self, *args: str | Path) -> Outcome:
+        self.capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return Outcome(code, out, err)
+
+    def on_cluster(self, *args: str | Path) -> Outcome:
+        """A command that takes --config-dir and --data-dir, with this workspace's."""
+        return self(*args, "--config-dir", self.config_dir, "--data-dir", self.data_dir)
+
+    def run(self, source: str | Path, *args: str | Path) -> Outcome:
+        """multicloud run --source SOURCE ..."""
+        return self.on_cluster("run", "--source", source, *args)
+
+    def batch_ids(self) -> list[str]:
+        """The batch ids `multicloud batches --json` lists (none before any manifest)."""
+        if not (self.data_dir / "manifest.db").exists():
+            return []
+        listed = self.on_cluster("batches", "--json")
+        assert listed.code == 0, listed.err
+        return [b["batch_id"] for b in listed.json()]
+
+    def write_config(self, section: str, text: str) -> None:
+        """Write <config dir>/<section>_config.yml."""
+        (self.config_dir / f"{section}_config.yml").write_text(text)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every regular file under root."""
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stored_objects(data_dir: Path) -> list[Path]:
+    """Every replica file of every node of the embedded cluster."""
+    return sorted(p for p in data_dir.glob("nodes/*/objects/**/*") if p.is_file())
+
+
+def assert_usage_error(outcome: Outcome, *needles: str) -> str:
+    """Exit code 2, one `error:` line on stderr naming every needle, no traceback."""
+    assert outcome.code == 2, (outcome.out, outcome.err)
+    assert "Traceback" not in outcome.out + outcome.err
+    lines = outcome.err.splitlines()
+    assert len(lines) == 1, outcome.err
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _multicloud_log_level() -> Iterator[None]:
+    """main() quiets the multicloud logger; give other tests their level back."""
+    logger = logging.getLogger("multicloud")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """The CLI with 64 KiB chunks and a fresh data dir, run from tmp_path."""
+    monkeypatch.chdir(tmp_path)  # the default --config-dir is relative: keep the repo's out
+    return Cli(capsys, tmp_path)
+
+
+@pytest.fixture
+def source(cli: Cli) -> Path:
+    """A 2 MiB dataset written by `multicloud gen-data`."""
+    path = cli.root / "src"
+    made = cli("gen-data", path, "--size", "2MiB")
+    assert made.code == 0, made.err
+    return path
+
+
+@pytest.fixture
+def ran(cli: Cli, source: Path) -> str:
+    """The id of a batch `multicloud run` stored from `source`."""
+    result = cli.run(source, "--batch-id", "b1")
+    assert result.code == 0, result.err
+    return "b1"
+
+
+# -- happy paths ------------------------------------------------------------------------------
+
+
+def test_gen_data_writes_an_exact_deterministic_dataset(cli: Cli) -> None:
+    first, second = cli.root / "one", cli.root / "two"
+    made = cli("gen-data", first, "--size", "2MiB", "--seed", "3")
+
+    assert made.code == 0
+    files = tree(first)
+    assert f"wrote {len(files)} files, 2.0 MiB" in made.err
+    assert sum(len(b) for b in files.values()) == DATASET_BYTES
+    assert files["misc/empty.txt"] == b""
+    assert any(path.count("/") >= 2 for path in files)  # nested folders
+    assert {Path(p).suffix for p in files} >= {".jsonl", ".csv", ".bin"}
+    assert cli("gen-data", second, "--size", "2MiB", "--seed", "3").code == 0
+    assert tree(second) == files
+
+
+def test_run_prints_a_summary(cli: Cli, source: Path) -> None:
+    result = cli.run(source, "--batch-id", "nightly-001")
+
+    assert result.code == 0, result.err
+    assert "batch nightly-001: success" in result.out
+    assert f"{len(tree(source))} / " in result.out  # files / chunks
+    assert "Traceback" not in result.out + result.err
+    assert not result.err.strip()
+
+
+def test_run_json_reports_the_result(cli: Cli, source: Path) -> None:
+    result = cli.run(source, "--batch-id", "j1", "--json")
+
+    assert result.code == 0, result.err
+    report = result.json()
+    files = tree(source)
+    assert report["status"] == "success"
+    assert report["batch_id"] == "j1"
+    assert report["error"] is None
+    assert report["files"] == len(files)
+    assert report["bytes_processed"] == DATASET_BYTES
+    assert report["chunks_processed"] == sum(math.ceil(len(b) / CHUNK) for b in files.values())
+    metrics = report["metrics"]
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["distribution"]["replica_success_rate"] == 1.0
+    assert set(metrics["storage"]["by_cloud"]) == {"aws", "gcp"}
+    assert metrics["storage"]["under_replicated"] == 0
+
+
+def test_restore_rebuilds_the_batch_byte_exact(cli: Cli, source: Path, ran: str) -> None:
+    dest = cli.root / "restored"
+    files = tree(source)
+
+    restored = cli.on_cluster("restore", ran, "--to", dest)
+
+    assert restored.code == 0, restored.err
+    assert f"restored {len(files)} files, 2.0 MiB" in restored.out
+    assert tree(dest) == files
+    assert (dest / "misc" / "empty.txt").stat().st_size == 0
+    assert tree(source) == files  # the source is only read
+    as_json = cli.on_cluster("restore", ran, "--to", cli.root / "again", "--json")
+    assert as_json.code == 0, as_json.err
+    report = as_json.json()
+    assert report["files_restored"] == len(files)
+    assert report["bytes_restored"] == DATASET_BYTES
+    assert report["failed_files"] == []
+    assert tree(cli.root / "again") == files
+
+
+def test_verify_passes_then_names_a_corrupt_replica(cli: Cli, ran: str) -> None:
+    clean = cli.on_cluster("verify", ran)
+    assert clean.code == 0, clean.err
+    assert clean.out.startswith(f"batch {ran}: ")
+
+    victim = stored_objects(cli.data_dir)[0]
+    node_id = victim.relative_to(cli.data_dir / "nodes").parts[0]
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+
+    found = cli.on_cluster("verify", ran)
+    assert found.code == 1, found.err
+    assert "Traceback" not in found.out + found.err
+    assert f"corrupt: chunk {victim.name[:16]} on {node_id}" in found.out
+    as_json = cli.on_cluster("verify", ran, "--json")
+    assert as_json.code == 1
+    report = as_json.json()
+    assert report["ok"] is False
+    assert report["replicas_ok"] == report["replicas_checked"] - 1
+    assert [(p["chunk_id"], p["node_id"], p["problem"]) for p in report["problems"]] == [
+        (victim.name, node_id, "corrupt")]
+
+
+def test_cluster_status_shows_nodes_by_cloud(cli: Cli, source: Path) -> None:
+    before = cli.on_cluster("cluster", "status", "--json")
+    assert before.code == 0, before.err
+    assert [n["chunks"] for n in before.json()["nodes"]] == [0] * 6
+    assert cli.run(source, "--batch-id", "b1").code == 0
+
+    status = cli.on_cluster("cluster", "status", "--json")
+
+    assert status.code == 0, status.err
+    view = status.json()
+    assert view["data_dir"] == str(cli.data_dir)
+    nodes = view["nodes"]
+    assert len(nodes) == 6
+    assert sorted(n["cloud"] for n in nodes) == ["aws"] * 3 + ["gcp"] * 3
+    assert {n["status"] for n in nodes} == {"healthy"}
+    assert all(n["chunks"] > 0 and n["bytes"] > 0 for n in nodes)
+    assert sum(n["chunks"] for n in nodes) == len(stored_objects(cli.data_dir))
+    table = cli.on_cluster("cluster", "status")
+    assert table.code == 0, table.err
+    for node in nodes:
+        assert node["id"] in table.out
+    assert "healthy" in table.out
+
+
+def test_batches_lists_runs_newest_first(cli: Cli, source: Path, ran: str) -> None:
+    assert cli.run(source, "--batch-id", "b2").code == 0
+
+    listed = cli.on_cluster("batches")
+
+    assert listed.code == 0, listed.err
+    assert [line.split("\t")[:2] for line in listed.out.splitlines()] == [
+        ["b2", "success"], [ran, "success"]]
+    as_json = cli.on_cluster("batches", "--json").json()
+    assert [(b["batch_id"], b["status"], b["source"]) for b in as_json] == [
+        ("b2", "success", str(source)), (ran, "success", str(source))]
+
+
+def test_the_console_entry_point_runs_as_a_process(cli: Cli, source: Path) -> None:
+    def multicloud(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "multicloud.cli", *map(str, args)],
+                              capture_output=True, text=True, cwd=cli.root, timeout=120,
+                              check=False)
+
+    ok = multicloud("run", "--source", source, "--batch-id", "sp", "--json",
+                    "--config-dir", cli.config_dir, "--data-dir", cli.data_dir)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["status"] == "success"
+    bad = multicloud("gen-data", cli.root / "x", "--size", "12XB")
+    assert_usage_error(Outcome(bad.returncode, bad.stdout, bad.stderr), "12XB")
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bad", "needles"), [
+    ("missing", ["does not exist"]),
+    ("s3://bucket/x", ["s3://bucket/x", "not supported"]),
+], ids=["missing-path", "s3-url"])
+def test_a_bad_source_is_refused_and_records_nothing(cli: Cli, source: Path, ran: str,
+                                                      bad: str, needles: list[str]) -> None:
+    bad_source = str(cli.root / bad) if bad == "missing" else bad
+    before, objects = tree(source), stored_objects(cli.data_dir)
+
+    result = cli.run(bad_source, "--batch-id", "b2")
+
+    assert_usage_error(result, bad_source, *needles)
+    assert cli.batch_ids() == [ran]
+    assert stored_objects(cli.data_dir) == objects
+    assert tree(source) == before
+
+
+def test_a_bad_source_with_json_reports_a_failed_result(cli: Cli) -> None:
+    missing = cli.root / "missing"
+
+    result = cli.run(missing, "--batch-id", "b1", "--json")
+
+    assert result.code == 2
+    assert "Traceback" not in result.out + result.err
+    report = result.json()
+    assert report["status"] == "failed"
+    assert str(missing) in report["error"]
+    assert cli.batch_ids() == []
+
+
+@pytest.mark.parametrize(("section", "text", "needles"), [
+    ("ingestion", "chunk_size_mb: 0.0625\nmax_inflight_chunks: 4\n  read_ahead: 2\n",
+     ["ingestion_config.yml", "invalid YAML at line 3"]),
+    ("ingestion", "chunk_size_mb: 0.0625\nchunk_size: 1\n",
+     ["ingestion_config.yml", "unknown key 'chunk_size'",
+      "valid keys: chunk_size_mb, max_inflight_chunks, read_ahead"]),
+    ("ingestion", "chunk_size_mb: 0\n", ["chunk_size_mb", "greater than 0", "(got 0)"]),
+    ("ingestion", "chunk_size_mb: -5\n", ["chunk_size_mb", "greater than 0", "(got -5)"]),
+    ("distribution", "write_quorum: 4\nreplication_factor: 3\n",
+     ["distribution_config.yml", "write_quorum (4)", "replication_factor (3)"]),
+], ids=["invalid-yaml", "unknown-key", "zero-chunk", "negative-chunk", "quorum-above-rf"])
+def test_a_bad_config_is_refused_before_anything_is_written(
+        cli: Cli, source: Path, section: str, text: str, needles: list[str]) -> None:
+    cli.write_config(section, text)
+    before = tree(source)
+
+    result = cli.run(source, "--batch-id", "b1")
+
+    assert_usage_error(result, *needles)
+    assert not cli.data_dir.exists()
+    assert tree(source) == before
+
+
+@pytest.mark.parametrize(("nodes_per_cloud", "needles"), [
+    ("{aws: 3}", ["min_clouds is 2", "span 1 cloud(s) (aws)"]),
+    ("{aws: 1, gcp: 1}", ["replication_factor is 3", "only 2 healthy node(s)"]),
+], ids=["one-cloud", "two-nodes"])
+def test_a_cluster_too_small_for_the_policy_runs_nothing(
+        cli: Cli, source: Path, nodes_per_cloud: str, needles: list[str]) -> None:
+    cli.write_config("cluster", f"nodes_per_cloud: {nodes_per_cloud}\n")
+    before = tree(source)
+
+    result = cli.run(source, "--batch-id", "b1")
+
+    assert_usage_error(result, *needles)
+    assert cli.batch_ids() == []
+    assert stored_objects(cli.data_dir) == []
+    assert tree(source) == before
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_an_unknown_batch_names_the_known_ones(cli: Cli, ran: str, command: str) -> None:
+    dest = cli.root / "restored"
+    extra = ["--to", dest] if command == "restore" else []
+
+    result = cli.on_cluster(command, "nope", *extra)
+
+    assert_usage_error(result, "unknown batch 'nope'", f"known batches: {ran}")
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_restore_and_verify_before_any_run_say_so(cli: Cli, command: str) -> None:
+    extra = ["--to", cli.root / "restored"] if command == "restore" else []
+
+    result = cli.on_cluster(command, "b1", *extra)
+
+    assert_usage_error(result, "no pipeline has run", str(cli.data_dir), "multicloud run")
+    assert not (cli.data_dir / "manifest.db").exists()
+    assert not (cli.root / "restored").exists()
+
+
+def test_gen_data_refuses_a_bad_size(cli: Cli) -> None:
+    dest = cli.root / "data"
+
+    result = cli("gen-data", dest, "--size", "12XB")
+
+    assert_usage_error(result, "'12XB'", "unknown unit 'XB'", "MiB")
+    assert not dest.exists()
+
+
+def test_gen_data_refuses_a_non_empty_dir(cli: Cli) -> None:
+    dest = cli.root / "data"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+
+    result = cli("gen-data", dest, "--size", "2MiB")
+
+    assert_usage_error(result, str(dest), "not empty")
+    assert tree(dest) == {"keep.txt": b"mine"}
+
+
+def test_a_missing_required_argument_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run"])
+
+    assert exited.value.code == 2
+    assert "--source" in capsys.readouterr().err
