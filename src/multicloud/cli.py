@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from multicloud.cluster.auth import TOKEN_ENV, resolve_token
 from multicloud.cluster.launcher import cluster_down, cluster_up, read_state
@@ -30,7 +28,7 @@ from multicloud.config import PipelineConfig, load_config
 from multicloud.errors import MulticloudError
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
 from multicloud.pipeline.storage import MANIFEST_FILE
-from multicloud.types import PipelineResult
+from multicloud.render import node_table, print_summary, run_with_progress
 from multicloud.units import format_bytes, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -93,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--json", action="store_true")
     common(batches)
     batches.set_defaults(handler=cmd_batches)
+
+    demo = sub.add_parser("demo", help="the five-minute demo: status, run, results, "
+                                       "failure recovery, statistics")
+    demo.add_argument("--cluster-mode", action="store_true",
+                      help="real registry and node processes (a node is SIGKILLed mid-run)")
+    demo.add_argument("--size", default="1GiB", help="dataset size (default 1GiB)")
+    demo.add_argument("--workdir", type=Path, default=Path("demo-data"))
+    demo.add_argument("--config-dir", type=Path, default=Path("config"))
+    demo.set_defaults(handler=cmd_demo)
 
     reg = sub.add_parser("registry", help="run the node registry service (cluster mode)")
     reg.add_argument("--host", help="bind address (default: loopback, from cluster_config.yml)")
@@ -172,6 +179,16 @@ def _require_manifest(args: argparse.Namespace) -> None:
                        f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
 
 
+async def cmd_demo(args: argparse.Namespace) -> int:
+    """multicloud demo."""
+    from multicloud.demo import DemoOptions, run_demo
+
+    options = DemoOptions(workdir=args.workdir, config_dir=args.config_dir,
+                          size=parse_size(args.size), cluster_mode=args.cluster_mode)
+    ok = await run_demo(options)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 async def cmd_registry(args: argparse.Namespace) -> int:
     """multicloud registry: serve membership and failure detection until stopped."""
     from multicloud.cluster.registry_server import RegistryServer
@@ -248,77 +265,19 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if args.json or not sys.stderr.isatty():
             result = await orchestrator.run_pipeline(batch_config)
         else:
-            result = await _run_with_progress(orchestrator, batch_config)
+            result = await run_with_progress(orchestrator, batch_config)
     finally:
         await orchestrator.close()
         await registry.close()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        _print_summary(Console(), result)
+        print_summary(Console(), result)
     if result.status != "success":
         if not args.json:
             print(f"error: {result.error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
-
-
-async def _run_with_progress(orchestrator: PipelineOrchestrator,
-                             batch_config: dict[str, Any]) -> PipelineResult:
-    console = Console(stderr=True)
-    stages = ("ingestion", "processing", "distribution", "storage")
-    with Progress(TextColumn("{task.description:<13}"), BarColumn(),
-                  TextColumn("{task.percentage:>5.1f}%"),
-                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        tasks: dict[str, TaskID] = {
-            s: progress.add_task(s, total=1, detail="") for s in stages}
-
-        def refresh(_: PipelineOrchestrator | None = None) -> None:
-            total = max(orchestrator.total_bytes, 1)
-            for stage in stages:
-                done = orchestrator.metrics.stages[stage].bytes
-                if stage in ("distribution", "storage"):
-                    done = orchestrator.committed_bytes
-                progress.update(tasks[stage], total=total, completed=min(done, total),
-                                detail=f"{orchestrator.current_throughput:.1f} MB/s")
-
-        remove = orchestrator.add_progress_listener(refresh)
-        try:
-            result = await orchestrator.run_pipeline(batch_config)
-        finally:
-            remove()
-        refresh()
-    return result
-
-
-def _print_summary(console: Console, result: PipelineResult) -> None:
-    m = result.metrics
-    if result.status != "success":
-        return  # main() prints the one-line error
-    dist, storage = m["distribution"], m["storage"]
-    table = Table(title=f"batch {result.batch_id}: success", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    mb_s = result.bytes_processed / 1e6 / max(result.duration_seconds, 1e-9)
-    rows = [
-        ("files / chunks", f"{result.files} / {result.chunks_processed}"),
-        ("bytes", format_bytes(result.bytes_processed)),
-        ("duration", f"{result.duration_seconds:.2f} s"),
-        ("throughput", f"{mb_s:.1f} MB/s"),
-        ("replicas by cloud", ", ".join(
-            f"{cloud}: {u['replicas']} ({format_bytes(u['bytes'])})"
-            for cloud, u in storage["by_cloud"].items())),
-        ("cross-cloud transfers", f"{dist['cross_cloud_transfers']} "
-                                  f"({format_bytes(dist['cross_cloud_bytes'])})"),
-        ("egress cost", f"${dist['egress_cost_usd']:.4f}"),
-        ("replica success rate", f"{dist['replica_success_rate']:.4f}"),
-        ("under-replicated", str(storage["under_replicated"])),
-        ("failures handled", str(m["node_failures_handled"])),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
@@ -413,15 +372,7 @@ async def cmd_cluster_status(args: argparse.Namespace) -> int:
         args.cluster = state["registry"]
     _, registry = await _open(args)
     try:
-        rows: list[dict[str, Any]] = []
-        for node in registry.nodes.values():
-            try:
-                chunks, nbytes = await registry.transport.usage(node)
-            except MulticloudError:
-                chunks, nbytes = 0, 0  # a node that is down: its row still shows it
-            rows.append({"id": node.id, "cloud": node.cloud, "region": node.region,
-                         "status": node.status.value, "url": node.url, "chunks": chunks,
-                         "bytes": nbytes, "capacity_bytes": node.capacity_bytes})
+        rows = await registry.report()
     finally:
         await registry.close()
     if args.json:
@@ -429,15 +380,7 @@ async def cmd_cluster_status(args: argparse.Namespace) -> int:
         print(json.dumps({**where, "nodes": rows}, indent=2))
         return EXIT_OK
     title = f"cluster at {args.cluster}" if args.cluster else f"embedded cluster at {args.data_dir}"
-    table = Table(title=title)
-    for column in ("node", "cloud", "region", "status", "chunks", "stored"):
-        table.add_column(column)
-    for row in sorted(rows, key=lambda r: (r["cloud"], r["id"])):
-        colour = "green" if row["status"] == "healthy" else "red"
-        table.add_row(row["id"], row["cloud"], row["region"],
-                      f"[{colour}]{row['status']}[/{colour}]", str(row["chunks"]),
-                      format_bytes(row["bytes"]))
-    Console().print(table)
+    Console().print(node_table(rows, title))
     return EXIT_OK
 
 

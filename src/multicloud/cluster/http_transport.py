@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from multicloud.cluster.registry import NodeRegistry, WorkerNode
     from multicloud.types import BlobInfo, Chunk, ReplicaAck
 
-_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, ConnectionError)
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, ConnectionError, TimeoutError)
+_PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data
 
 
 class HttpTransport(Transport):
@@ -92,6 +93,9 @@ class HttpTransport(Transport):
                 self._registry.record_failure(node.id, 1, str(result))
             elif isinstance(result, BaseException):
                 raise result
+
+    async def ping(self, node: WorkerNode) -> None:
+        await self._call(node, "GET", "/health", timeout=aiohttp.ClientTimeout(total=_PING_S))
 
     async def process(self, node: WorkerNode, chunk: Chunk, data: bytes | memoryview,
                       origin: Location) -> BlobInfo:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multicloud.cluster.topology import Location, NetworkTopology
 from multicloud.config import ClusterConfig, NodeSpec
-from multicloud.errors import ClusterError
+from multicloud.errors import ClusterError, MulticloudError
 from multicloud.types import NodeStatus
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ class WorkerNode:
         self.spec = spec
         self.consecutive_failures = 0
         self.used_bytes = 0  # bytes of replicas the manifest records on this node
+        self.unhealthy_since: float | None = None  # time.monotonic() of the last failure
         self._status = NodeStatus.HEALTHY
         self._registry: NodeRegistry | None = None
 
@@ -66,6 +69,9 @@ class WorkerNode:
         old, self._status = self._status, new
         if new is NodeStatus.HEALTHY:
             self.consecutive_failures = 0
+            self.unhealthy_since = None
+        elif old is not new:
+            self.unhealthy_since = time.monotonic()
         if old is not new and self._registry is not None:
             self._registry.notify(self, old, reason)
 
@@ -140,9 +146,40 @@ class NodeRegistry:
         if node is not None:
             node.consecutive_failures = 0
 
+    async def report(self) -> list[dict[str, Any]]:
+        """Every node with its place, health, and what it stores (0 when unreachable)."""
+        async def row(node: WorkerNode) -> dict[str, Any]:
+            try:
+                chunks, nbytes = await self.transport.usage(node)
+            except MulticloudError:
+                chunks, nbytes = 0, 0  # a node that is down: its row still shows it
+            return {"id": node.id, "cloud": node.cloud, "region": node.region,
+                    "status": node.status.value, "url": node.url, "chunks": chunks,
+                    "bytes": nbytes, "capacity_bytes": node.capacity_bytes}
+
+        return list(await asyncio.gather(*(row(n) for _, n in sorted(self.nodes.items()))))
+
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run closer when the registry closes (a membership watcher, for one)."""
         self._on_close.append(closer)
+
+    async def probe(self) -> list[str]:
+        """Health-check every node in service; mark the silent ones unhealthy (returned).
+
+        Run before repair, so that replicas on a node that died quietly (no transfer to it
+        failed yet, its heartbeat timeout not yet up) are not counted as safe.
+        """
+        nodes = self.healthy_nodes()
+        results = await asyncio.gather(*(self.transport.ping(n) for n in nodes),
+                                       return_exceptions=True)
+        down = []
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, MulticloudError):
+                node.set_status(NodeStatus.UNHEALTHY, f"health check failed: {result}")
+                down.append(node.id)
+            elif isinstance(result, BaseException):
+                raise result
+        return down
 
     async def close(self) -> None:
         """Stop what watches the cluster, then release the transport."""

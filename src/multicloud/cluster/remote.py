@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,14 @@ def _worker(view: dict[str, Any]) -> WorkerNode:
     return node
 
 
+def _heard_since(node: WorkerNode, view: dict[str, Any]) -> bool:
+    """Whether the registry heard from node after we marked it unhealthy."""
+    age = view.get("last_heartbeat_age_s")
+    if node.unhealthy_since is None or age is None:
+        return node.unhealthy_since is None
+    return time.monotonic() - float(age) > node.unhealthy_since
+
+
 class MembershipWatcher:
     """Polls the registry and mirrors node membership and health into a NodeRegistry."""
 
@@ -107,6 +116,8 @@ class MembershipWatcher:
                 continue
             node.url = view["url"]
             status = NodeStatus(view["status"])
+            if status is NodeStatus.HEALTHY and not node.healthy and not _heard_since(node, view):
+                continue  # we saw it fail after its last heartbeat: the registry is behind
             if status is not node.status:
                 reason = ("missed heartbeats" if status is NodeStatus.UNHEALTHY
                           else "heartbeats resumed")

@@ -121,6 +121,9 @@ class SimulatedTransport(Transport):
         for service in self.services.values():
             service.configure(processing)
 
+    async def ping(self, node: WorkerNode) -> None:
+        self._reach(node)
+
     async def process(self, node: WorkerNode, chunk: Chunk, data: bytes | memoryview,
                       origin: Location) -> BlobInfo:
         service = self._reach(node, origin.cloud)

@@ -30,6 +30,10 @@ class Transport(abc.ABC):
         """Give every node the transform chain and worker slots of this run."""
 
     @abc.abstractmethod
+    async def ping(self, node: WorkerNode) -> None:
+        """Raise NodeUnavailable unless node answers now."""
+
+    @abc.abstractmethod
     async def process(self, node: WorkerNode, chunk: Chunk, data: bytes | memoryview,
                       origin: Location) -> BlobInfo:
         """Send raw bytes from origin (the source bucket) to node; it processes and stages them."""

@@ -298,6 +298,7 @@ class PipelineOrchestrator:
         await storage.flush()
         stats = self.ingestion_engine.stats
         await asyncio.to_thread(storage.manifest.add_files, batch_id, stats.file_entries)
+        await self.node_registry.probe()  # a node that died quietly must not count as a holder
         repair = None
         if self.config.storage.repair:
             repair = await storage.repair()
