@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="1GiB", help="dataset size (default 1GiB)")
     demo.add_argument("--workdir", type=Path, default=Path("demo-data"))
     demo.add_argument("--config-dir", type=Path, default=Path("config"))
+    demo.add_argument("--cluster", metavar="URL",
+                      help="use a running cluster (see docs/setup.md) instead of starting one")
+    demo.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR),
+                      help="with --cluster: where its token is and the manifest goes")
     demo.set_defaults(handler=cmd_demo)
 
     reg = sub.add_parser("registry", help="run the node registry service (cluster mode)")
@@ -184,7 +188,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from multicloud.demo import DemoOptions, run_demo
 
     options = DemoOptions(workdir=args.workdir, config_dir=args.config_dir,
-                          size=parse_size(args.size), cluster_mode=args.cluster_mode)
+                          size=parse_size(args.size), cluster_mode=args.cluster_mode,
+                          registry_url=args.cluster, data_dir=args.data_dir)
     ok = await run_demo(options)
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -375,6 +380,9 @@ async def cmd_cluster_status(args: argparse.Namespace) -> int:
         rows = await registry.report()
     finally:
         await registry.close()
+    if state is not None and state.get("registry") == args.cluster:
+        pids = {p["name"]: p["pid"] for p in state["processes"]}
+        rows = [{**row, "pid": pids.get(row["id"])} for row in rows]
     if args.json:
         where = {"registry": args.cluster} if args.cluster else {"data_dir": str(args.data_dir)}
         print(json.dumps({**where, "nodes": rows}, indent=2))

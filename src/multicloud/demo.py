@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import filecmp
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from rich.table import Table
 from multicloud.cluster.auth import resolve_token
 from multicloud.cluster.launcher import cluster_down, cluster_up
 from multicloud.cluster.local import create_local_cluster
-from multicloud.cluster.registry import NodeRegistry
+from multicloud.cluster.registry import NodeRegistry, WorkerNode
 from multicloud.cluster.remote import connect_cluster
 from multicloud.config import PipelineConfig, load_config
 from multicloud.datagen import generate_dataset
@@ -46,6 +47,8 @@ class DemoOptions:
     config_dir: Path
     size: int
     cluster_mode: bool = False
+    registry_url: str | None = None  # an already running cluster (docs/setup.md)
+    data_dir: Path = Path(".multicloud")  # its token, ready files, and our manifest
     victim: str = "aws-node-2"
 
 
@@ -60,8 +63,18 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
             await asyncio.to_thread(generate_dataset, source / "data", options.size)
         (source / ".complete").write_text("")
     data_dir = options.workdir / ("cluster-mode" if options.cluster_mode else "embedded")
-    shutil.rmtree(data_dir, ignore_errors=True)
     pids: dict[str, int] = {}
+    if options.registry_url is not None:
+        data_dir = options.data_dir
+        registry = await connect_cluster(options.registry_url,
+                                         resolve_token(None, data_dir), config.cluster,
+                                         data_dir=data_dir)
+        pids = _known_pids(data_dir)
+        try:
+            return await _parts(out, options, config, registry, source / "data", pids)
+        finally:
+            await registry.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
     if options.cluster_mode:
         with out.status("starting the registry and 6 node processes ..."):
             state = await cluster_up(data_dir, options.config_dir, config, registry_port=0,
@@ -82,7 +95,8 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
 
 async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
                  registry: NodeRegistry, source: Path, pids: dict[str, int]) -> bool:
-    mode = "real processes over HTTP" if options.cluster_mode else "embedded cluster"
+    mode = ("the running cluster at " + options.registry_url if options.registry_url else
+            "real processes over HTTP" if options.cluster_mode else "embedded cluster")
     out.print(Rule(f"Multi-Cloud Data Pipeline Orchestrator Demo ({mode})"))
 
     out.print("\n[bold]1. Cluster status[/bold]")
@@ -116,14 +130,19 @@ async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
 async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
                        registry: NodeRegistry, source: Path, options: DemoOptions,
                        pids: dict[str, int]) -> PipelineResult:
-    victim = registry.get(options.victim)
+    victim = _choose_victim(registry, orchestrator.config, options.victim)
+    if victim is None:
+        out.print("  skipped: taking a node away would leave fewer healthy nodes or clouds "
+                  "than the replication policy needs; start more nodes to see this part")
+        return await run_with_progress(orchestrator, {"batch_id": "demo-2",
+                                                      "data_source": str(source)})
     failed_at: list[float] = []
 
     def fail(orch: PipelineOrchestrator) -> None:
         if failed_at or orch.progress_percent < FAIL_AT_PERCENT:
             return
         failed_at.append(time.monotonic())
-        if options.cluster_mode:
+        if victim.id in pids:
             os.kill(pids[victim.id], signal.SIGKILL)
             out.print(f"  [red]killed {victim.id} (pid {pids[victim.id]}) with SIGKILL at "
                       f"{orch.progress_percent:.0f}%[/red]")
@@ -174,6 +193,32 @@ async def _prove(out: Console, orchestrator: PipelineOrchestrator, source: Path,
               f"{format_bytes(restored.bytes_restored)}, byte-identical to the source: "
               f"{'[green]yes[/green]' if same else '[red]NO[/red]'}")
     return ok and same
+
+
+def _choose_victim(registry: NodeRegistry, config: PipelineConfig,
+                   preferred: str) -> WorkerNode | None:
+    """A node whose loss still leaves enough nodes and clouds for the policy."""
+    dist = config.distribution
+    healthy = registry.healthy_nodes()
+    candidates = sorted(healthy, key=lambda n: (n.id != preferred, n.id))
+    for node in candidates:
+        rest = [n for n in healthy if n is not node]
+        if len(rest) >= dist.replication_factor and \
+                len({n.cloud for n in rest}) >= dist.min_clouds:
+            return node
+    return None
+
+
+def _known_pids(data_dir: Path) -> dict[str, int]:
+    """Pids of nodes started with this data dir, from their ready files."""
+    pids = {}
+    for ready in (data_dir / "run").glob("*.json"):
+        try:
+            info = json.loads(ready.read_text())
+            pids[str(info["name"])] = int(info["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return pids
 
 
 def _print_stages(out: Console, result: PipelineResult) -> None:
