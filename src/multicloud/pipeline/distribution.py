@@ -26,6 +26,7 @@ from multicloud.errors import (
     StorageError,
     TransferTimeout,
 )
+from multicloud.monitoring.events import Emit, no_events
 from multicloud.monitoring.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
@@ -77,6 +78,8 @@ class DistributionCoordinator:
         self.placement = placement or NetworkAwarePlacement(node_registry, None, self.config)
         self.timeouts = timeouts or AdaptiveTimeouts(self.config.timeouts)
         self.on_late_ack: LateAck | None = None
+        self.on_event: Emit = no_events
+        self.link_latencies: dict[str, list[float]] = {}  # seconds per replica write, by link
         self.replica_writes = 0
         self.replica_failures = 0
         self.replacements = 0
@@ -131,6 +134,12 @@ class DistributionCoordinator:
         if src is not None:
             await self._release(src, blob.chunk_id)
         self.metrics.failure("distribution")
+        chunk = processed.chunk
+        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: "
+                      f"{len(state.acks)} replica(s), quorum {state.quorum}", level="warning",
+                      file=chunk.file, index=chunk.index, chunk_id=chunk.chunk_id,
+                      stage="distribution",
+                      error="source lost" if state.source_lost else "quorum not reached")
         if state.source_lost:
             raise SourceLost(f"processing node {processed.node_id} failed before chunk "
                              f"{blob.chunk_id[:12]} reached quorum")
@@ -199,6 +208,10 @@ class DistributionCoordinator:
                 if node_id is not None:
                     state.current.append(node_id)
                     self.replacements += 1
+                    self.on_event("replica_replaced",
+                                  f"chunk {blob.chunk_id[:12]}: {dst.id} -> {node_id} ({exc})",
+                                  level="warning", chunk_id=blob.chunk_id, failed_node=dst.id,
+                                  replacement=node_id, reason=str(exc))
                 elif len(state.acks) + self._pending(state) < state.quorum:
                     state.done.set()
                 continue
@@ -206,7 +219,9 @@ class DistributionCoordinator:
             self.registry.record_success(dst.id)
             dst.used_bytes += ack.blob_size
             if src.id != dst.id:
-                self.timeouts.observe(link, time.perf_counter() - started, blob.blob_size)
+                elapsed = time.perf_counter() - started
+                self.timeouts.observe(link, elapsed, blob.blob_size)
+                self.link_latencies.setdefault(link, []).append(elapsed)
             state.acks.append(ack)
             if state.result is not None:  # quorum was reached earlier: a late ack
                 state.result.replicas.append(ack)

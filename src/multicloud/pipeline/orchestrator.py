@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from multicloud.errors import (
     QuorumNotReached,
     ValidationFailed,
 )
+from multicloud.monitoring.events import EventBus, EventSink, PipelineEvent
 from multicloud.monitoring.metrics import PipelineMetrics
 from multicloud.pipeline.distribution import DistributionCoordinator, SourceLost
 from multicloud.pipeline.ingestion import DataIngestionEngine
@@ -52,15 +52,6 @@ log = logging.getLogger(__name__)
 MB = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class PipelineEvent:
-    """Something worth showing an operator: a node failure, a repair, a finished stage."""
-
-    at: float  # time.time()
-    kind: str  # "node_unhealthy", "node_recovered", "repair_done", "stage_complete", ...
-    detail: str
-
-
 ProgressListener = Callable[["PipelineOrchestrator"], None]
 
 
@@ -83,7 +74,8 @@ class PipelineOrchestrator:
         self.pipeline_status = PipelineStatus.IDLE
         self.current_batch: str | None = None
         self.current_stage: str | None = None
-        self.events: list[PipelineEvent] = []
+        self.bus = EventBus()
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, committed bytes)
         self.total_bytes = 0
         self.committed_bytes = 0
         self.committed_chunks = 0
@@ -94,6 +86,11 @@ class PipelineOrchestrator:
         self._waiters: list[tuple[float, asyncio.Future[None]]] = []
 
     # -- live view, for the dashboard -------------------------------------------------------
+
+    @property
+    def events(self) -> list[PipelineEvent]:
+        """The latest events of the current (or last) run, oldest first."""
+        return list(self.bus.recent)
 
     @property
     def progress_percent(self) -> float:
@@ -179,8 +176,10 @@ class PipelineOrchestrator:
                                     batch_id, str(source), cloud)
             begun = True
             self.storage_manager.begin(batch_id)
-            log.info("pipeline started: batch %s, %d files, %d bytes from %s (%s)",
-                     batch_id, len(files), self.total_bytes, source, cloud)
+            self._emit("pipeline_started",
+                       f"batch {batch_id}: {len(files)} files, {self.total_bytes} bytes from "
+                       f"{source} ({cloud})", source=str(source), source_cloud=cloud,
+                       files=len(files), total_bytes=self.total_bytes)
             await self._stream(files, cloud, force)
             result = await self._finish(batch_id, ledger_before)
         except* MulticloudError as group:
@@ -222,7 +221,8 @@ class PipelineOrchestrator:
             raise MulticloudError("this orchestrator is already running a batch; "
                                   "start another orchestrator for a parallel batch")
         self.metrics = PipelineMetrics()
-        self.events = []
+        self.bus.clear()
+        self.timeline = []
         self.total_bytes = self.committed_bytes = self.committed_chunks = 0
         self.node_failures_handled = 0
         self._finished = None
@@ -235,6 +235,8 @@ class PipelineOrchestrator:
         self.distribution_coordinator = DistributionCoordinator(
             self.node_registry, self.config.distribution, self.metrics)
         self.distribution_coordinator.on_late_ack = self.storage_manager.record_late_ack
+        self.distribution_coordinator.on_event = self._emit
+        self.processing_pool.on_event = self._emit
         self.storage_manager.metrics = self.metrics
 
     def _check_policy(self, force_cross_cloud: bool) -> None:
@@ -260,7 +262,10 @@ class PipelineOrchestrator:
         async with asyncio.TaskGroup() as group, aclosing(chunks):
             async for chunk in chunks:
                 group.create_task(self._chunk_flow(chunk, force, inflight))
-        self.metrics.record_stage(Stage.INGESTION, self.ingestion_engine.stats.chunks)
+            self.metrics.record_stage(Stage.INGESTION, self.ingestion_engine.stats.chunks)
+            self._stage_complete(Stage.INGESTION)
+            self.current_stage = Stage.PROCESSING.value
+        self._stage_complete(Stage.PROCESSING)
 
     async def _chunk_flow(self, chunk: Chunk, force: bool, inflight: asyncio.Semaphore) -> None:
         """One chunk through processing, distribution and storage."""
@@ -283,6 +288,7 @@ class PipelineOrchestrator:
                 await self.storage_manager.flush(force=False)
                 self.committed_bytes += chunk.size_bytes
                 self.committed_chunks += 1
+                self.timeline.append((self.elapsed_seconds, self.committed_bytes))
                 self._progressed()
                 return
             raise QuorumNotReached(f"chunk {chunk.index} of {chunk.file}: its processing node "
@@ -293,6 +299,7 @@ class PipelineOrchestrator:
     async def _finish(self, batch_id: str, ledger_before: dict[str, Any]) -> PipelineResult:
         self.current_stage = Stage.DISTRIBUTION.value
         await self.distribution_coordinator.drain()
+        self._stage_complete(Stage.DISTRIBUTION)
         self.current_stage = Stage.STORAGE.value
         storage = self.storage_manager
         await storage.flush()
@@ -302,10 +309,13 @@ class PipelineOrchestrator:
         repair = None
         if self.config.storage.repair:
             repair = await storage.repair()
-            if repair.replicas_created:
-                self._event("repair_done", f"{repair.replicas_created} replica(s) re-created")
+            self._emit("repair_done", f"{repair.replicas_created} replica(s) re-created, "
+                       f"{repair.under_replicated} chunk(s) still under-replicated",
+                       level="warning" if repair.under_replicated else "info",
+                       replicas_created=repair.replicas_created,
+                       under_replicated=repair.under_replicated, lost=repair.lost)
         under = await storage.under_replicated()
-        by_cloud = await storage.cloud_usage()
+        by_cloud, by_node = await storage.usage_by_place()
         self.metrics.record_stage(Stage.PROCESSING, self.metrics.stages["processing"].succeeded)
         self.metrics.record_stage(Stage.DISTRIBUTION,
                                   self.metrics.stages["distribution"].succeeded)
@@ -329,7 +339,7 @@ class PipelineOrchestrator:
             timeouts=dist.timeouts.snapshot(),
         )
         summary["storage"].update(
-            by_cloud=by_cloud, under_replicated=under,
+            by_cloud=by_cloud, by_node=by_node, under_replicated=under,
             replicas_repaired=repair.replicas_created if repair else 0,
             chunks_lost=repair.lost if repair else 0,
         )
@@ -338,20 +348,22 @@ class PipelineOrchestrator:
         summary["throughput_mb_s"] = round(stats.bytes / MB / duration, 3) if duration else 0.0
         summary["events"] = [{"at": e.at, "kind": e.kind, "detail": e.detail}
                              for e in self.events]
+        summary["timeline"] = _downsample(self.timeline, 200)
         result = PipelineResult(status="success", batch_id=batch_id, duration_seconds=duration,
                                 chunks_processed=stats.chunks, bytes_processed=stats.bytes,
                                 files=stats.files, metrics=summary)
+        self._stage_complete(Stage.STORAGE, summary["storage"])
         await asyncio.to_thread(storage.manifest.finish_batch, batch_id, "success",
                                 result.to_dict())
         self.pipeline_status = PipelineStatus.COMPLETED
         self.current_stage = None
-        log.info("pipeline finished: batch %s, %d chunks in %.2fs", batch_id, stats.chunks,
-                 duration)
+        self._emit("pipeline_finished", f"batch {batch_id}: success, {stats.chunks} chunks "
+                   f"in {duration:.2f}s", status="success", duration_seconds=duration,
+                   chunks=stats.chunks, bytes=stats.bytes, error=None)
         return result
 
     async def _fail(self, batch_id: str, error: BaseException, begun: bool) -> PipelineResult:
         self.pipeline_status = PipelineStatus.FAILED
-        log.error("pipeline failed: batch %s: %s", batch_id, error)
         await self.distribution_coordinator.drain()
         summary = self.metrics.get_summary()
         summary["node_failures_handled"] = self.node_failures_handled
@@ -368,6 +380,9 @@ class PipelineOrchestrator:
             except MulticloudError as exc:  # the run's own error is the one to report
                 log.error("could not record the failure of batch %s: %s", batch_id, exc)
         self.current_stage = None
+        self._emit("pipeline_finished", f"batch {batch_id}: failed: {error}", level="error",
+                   status="failed", duration_seconds=duration, chunks=self.committed_chunks,
+                   bytes=self.committed_bytes, error=str(error))
         return result
 
     def _progressed(self) -> None:
@@ -391,15 +406,34 @@ class PipelineOrchestrator:
             # Distribution re-places the node's in-flight writes at once; repair re-creates
             # the replicas it held before the run returns.
             self.node_failures_handled += 1
-            self._event("node_unhealthy", f"{node.id} ({node.cloud}/{node.region}): {reason}")
+            self._emit("node_unhealthy", f"{node.id} ({node.cloud}/{node.region}): {reason}",
+                       level="warning", node_id=node.id, cloud=node.cloud, region=node.region,
+                       reason=reason)
         else:
-            self._event("node_recovered", f"{node.id}: {reason}")
+            self._emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
+                       reason=reason)
 
-    def _event(self, kind: str, detail: str) -> None:
-        self.events.append(PipelineEvent(time.time(), kind, detail))
-        log.info("%s: %s", kind, detail)
+    def _emit(self, kind: str, detail: str, *, level: str = "info", **fields: Any) -> None:
+        self.bus.emit(kind, detail, batch_id=self.current_batch, level=level, **fields)
+
+    def _stage_complete(self, stage: Stage, metrics: dict[str, Any] | None = None) -> None:
+        stage_metrics = metrics or self.metrics.get_summary()[stage.value]
+        self._emit("stage_complete", f"{stage.value} complete", stage=stage.value,
+                   metrics=stage_metrics)
+
+    def add_event_sink(self, sink: EventSink) -> Callable[[], None]:
+        """Call sink(event) for every pipeline event; returns a remover."""
+        return self.bus.subscribe(sink)
 
     def _restorer(self) -> BatchRestorer:
         return BatchRestorer(self.node_registry, self.storage_manager.manifest,
                              key=load_key(self.config.processing.encryption))
 
+
+def _downsample(points: list[tuple[float, int]], most: int) -> list[list[float]]:
+    """At most `most` evenly spaced points (always keeping the last), as JSON-ready pairs."""
+    if len(points) <= most:
+        return [[round(t, 4), b] for t, b in points]
+    step = len(points) / most
+    picked = [points[int(i * step)] for i in range(most - 1)] + [points[-1]]
+    return [[round(t, 4), b] for t, b in picked]

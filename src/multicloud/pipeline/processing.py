@@ -24,6 +24,7 @@ from multicloud.errors import (
     StorageError,
     ValidationFailed,
 )
+from multicloud.monitoring.events import Emit, no_events
 from multicloud.monitoring.metrics import PipelineMetrics
 from multicloud.pipeline.ingestion import read_chunk_bytes
 from multicloud.pipeline.placement import rank_nodes
@@ -44,6 +45,7 @@ class ProcessingWorkerPool:
         self.config = config or ProcessingConfig()
         self.metrics = metrics or PipelineMetrics()
         self._load: Counter[str] = Counter()
+        self.on_event: Emit = no_events
         self._configured = False
 
     async def configure_nodes(self) -> None:
@@ -93,6 +95,9 @@ class ProcessingWorkerPool:
                         node, chunk, data, self.origin_of(chunk.source_cloud))
             except ValidationFailed as exc:
                 self.metrics.failure("processing")
+                self.on_event("chunk_failed", str(exc), level="error", file=chunk.file,
+                              index=chunk.index, chunk_id=chunk.chunk_id, stage="processing",
+                              error=str(exc))
                 return ProcessedChunk(chunk, node.id, None, time.perf_counter() - started,
                                       error=str(exc))
             except (NodeUnavailable, StorageError, ClusterError) as exc:
@@ -107,6 +112,9 @@ class ProcessingWorkerPool:
             self.metrics.success("processing", chunk.size_bytes, latency)
             return ProcessedChunk(chunk, node.id, info, latency)
         self.metrics.failure("processing")
+        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: {last_error}",
+                      level="error", file=chunk.file, index=chunk.index,
+                      chunk_id=chunk.chunk_id, stage="processing", error=last_error)
         raise ClusterError(f"chunk {chunk.index} of {chunk.file}: processing gave up after "
                            f"{self.config.max_attempts} attempts; last error: {last_error}")
 

@@ -235,27 +235,38 @@ class StorageManager:
                 targets.append(node_id)
         return targets[:missing]
 
-    async def cloud_usage(self, chunk_ids: Iterable[str] | None = None) -> dict[str, Any]:
-        """Per cloud: chunks with a replica there, replica count, and bytes held."""
+    async def usage_by_place(self, chunk_ids: Iterable[str] | None = None,
+                             ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per cloud and per node: chunks with a replica there, replicas, and bytes held."""
         ids = sorted(set(chunk_ids) if chunk_ids is not None else self.chunk_ids)
         holders = await asyncio.to_thread(self.manifest.replicas, ids)
         blobs = await asyncio.to_thread(lambda: [self.manifest.blob(c) for c in ids])
         sizes = {c: b.blob_size if b else 0 for c, b in zip(ids, blobs, strict=True)}
-        usage: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"chunk_count": 0, "replicas": 0, "bytes": 0})
+
+        def empty() -> dict[str, int]:
+            return {"chunk_count": 0, "replicas": 0, "bytes": 0}
+
+        by_cloud: dict[str, dict[str, int]] = defaultdict(empty)
+        by_node: dict[str, dict[str, int]] = defaultdict(empty)
         for chunk_id, nodes in holders.items():
             clouds_seen: set[str] = set()
             for node_id in nodes:
                 node = self.registry.nodes.get(node_id)
                 if node is None:
                     continue
-                entry = usage[node.cloud]
-                entry["replicas"] += 1
-                entry["bytes"] += sizes.get(chunk_id, 0)
+                for entry in (by_cloud[node.cloud], by_node[node_id]):
+                    entry["replicas"] += 1
+                    entry["bytes"] += sizes.get(chunk_id, 0)
+                by_node[node_id]["chunk_count"] += 1
                 clouds_seen.add(node.cloud)
             for cloud in clouds_seen:
-                usage[cloud]["chunk_count"] += 1
-        return dict(sorted(usage.items()))
+                by_cloud[cloud]["chunk_count"] += 1
+        return dict(sorted(by_cloud.items())), dict(sorted(by_node.items()))
+
+    async def cloud_usage(self, chunk_ids: Iterable[str] | None = None) -> dict[str, Any]:
+        """Per cloud: chunks with a replica there, replica count, and bytes held."""
+        by_cloud, _ = await self.usage_by_place(chunk_ids)
+        return by_cloud
 
     async def under_replicated(self, chunk_ids: Iterable[str] | None = None) -> int:
         """Chunks with fewer than replication_factor replicas on healthy nodes."""
