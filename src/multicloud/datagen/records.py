@@ -1,21 +1,8 @@
-"""A realistic, deterministic test dataset to feed the pipeline.
+"""The text records of the generated dataset: JSONL application logs and CSV order exports.
 
-`generate_dataset` writes, under one directory and in nested folders:
-
-    logs/2026/<month>/app-NNN.jsonl   JSON application logs, about 40% of the bytes
-    exports/orders-NNN.csv            CSV order exports, about 20%
-    blobs/<folder>/blob-NNN.bin       incompressible binary blobs, about 40%
-    misc/empty.txt                    exactly one empty file
-
-File sizes straddle the chunk size on purpose: many files smaller than a chunk, one larger
-than a chunk once the dataset is at least two chunks, and one file of exactly a chunk and
-one of a chunk plus a byte when the budget allows. The sizes add up to exactly the size asked
-for. The same seed and size give byte-identical files under the same names.
-
-Speed comes from never formatting records one by one: a few thousand distinct records are
-formatted once, and each line joins a sampled record with fields that numpy stamps in bulk
-for every line (timestamps, trace ids, latencies), so the data compresses like real logs
-rather than like one line repeated.
+A few thousand distinct records are formatted once into a pool; each line samples one and
+numpy stamps the per-line fields (timestamps, trace ids, latencies) for a whole block of
+lines at once.
 """
 
 from __future__ import annotations
@@ -23,267 +10,46 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from multicloud.errors import ConfigError, SourceError
-
-__all__ = ["DatasetSummary", "generate_dataset"]
-
-_U8 = npt.NDArray[np.uint8]
-_I64 = npt.NDArray[np.int64]
-_Bytes = npt.NDArray[np.object_]  # an array of bytes objects, for sampling by index
-
-_MIB = 1024 * 1024
-_BLOCK_BYTES = 4 * _MIB  # per write: large enough to be fast, small enough to keep memory flat
-_KINDS = ("jsonl", "csv", "binary", "empty")
-_SHARES = {"jsonl": 0.4, "csv": 0.2}  # share of the bytes per text kind; binary gets the rest
-_SMALL_FILE = 4096  # smallest file the filler plans, unless the chunk hint is smaller still
-_MAX_FILES_PER_KIND = 10_000  # filler files per kind, at most (about)
-_BLOB_FOLDERS = ("images", "models", "archives")
-_MONTHS = (9, 10, 11, 12)  # records fall in the autumn of 2026, a month per file
+U8 = npt.NDArray[np.uint8]
+I64 = npt.NDArray[np.int64]
+BytesArray = npt.NDArray[np.object_]  # an array of bytes objects, for sampling by index
 _DAY_MS = 86_400_000
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _POOL_SIZE = 4000  # distinct log records and order lines; each line samples one
 
 
-@dataclass(frozen=True, slots=True)
-class DatasetSummary:
-    """What `generate_dataset` wrote."""
-
-    root: Path  # the directory holding the dataset
-    files: int  # number of files, the empty one included
-    total_bytes: int  # sum of all file sizes
-    by_kind: dict[str, int]  # bytes per kind: "jsonl", "csv", "binary", "empty"
-
-
-def generate_dataset(
-    dest: str | Path,
-    size_bytes: int,
-    seed: int = 0,
-    chunk_hint_bytes: int = 100 * _MIB,
-) -> DatasetSummary:
-    """Write a deterministic dataset of exactly `size_bytes` bytes into a new or empty `dest`."""
-    if size_bytes < 0:
-        raise ConfigError(f"invalid dataset size {size_bytes}: use 0 or more bytes")
-    if seed < 0:
-        raise ConfigError(f"invalid seed {seed}: use a non-negative integer")
-    if chunk_hint_bytes < 1:
-        raise ConfigError(f"invalid chunk hint {chunk_hint_bytes}: use 1 byte or more")
-    root = Path(dest)
-    _prepare_root(root)
-
-    plan_rng, pool_rng, files_rng = np.random.default_rng(seed).spawn(3)
-    logs = _LogPool(pool_rng)
-    orders = _OrderPool(pool_rng)
-    min_size = {"jsonl": logs.min_file, "csv": orders.min_file, "binary": 1}
-    plan = _plan(size_bytes, chunk_hint_bytes, min_size, plan_rng)
-
-    # Each file has its own generator, so one file's content does not depend on the others.
-    for planned, rng in zip(plan, files_rng.spawn(len(plan)), strict=True):
-        path = root / planned.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as out:
-            if planned.kind == "jsonl":
-                _write_text(out, planned.size, _LogLines(logs, rng, planned.month))
-            elif planned.kind == "csv":
-                _write_text(out, planned.size, _OrderLines(orders, rng, planned.month))
-            elif planned.kind == "binary":
-                _write_blob(out, planned.size, rng)
-
-    by_kind = dict.fromkeys(_KINDS, 0)
-    for planned in plan:
-        by_kind[planned.kind] += planned.size
-    return DatasetSummary(root, len(plan), sum(by_kind.values()), by_kind)
-
-
-def _prepare_root(root: Path) -> None:
-    """Create `root`, refusing anything that already holds files."""
-    if root.exists() and not root.is_dir():
-        raise SourceError(f"cannot generate a dataset into {root}: it is a file, not a directory")
-    if root.is_dir() and any(root.iterdir()):
-        raise SourceError(
-            f"refusing to generate a dataset into {root}: the directory is not empty; "
-            "pass a new or empty directory"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-
-
-# --- planning ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _PlannedFile:
-    """One file to write."""
-
-    path: str  # relative to the dataset root, forward slashes
-    kind: str  # one of _KINDS
-    size: int  # exact size in bytes
-    month: int = 0  # month of 2026 its records fall in (text kinds)
-
-
-def _plan(
-    size: int, hint: int, min_size: dict[str, int], rng: np.random.Generator
-) -> list[_PlannedFile]:
-    """Decide every file's kind and exact size; the sizes add up to `size`."""
-    budget = {kind: int(size * share) for kind, share in _SHARES.items()}
-    budget["binary"] = size - sum(budget.values())
-    sizes: dict[str, list[int]] = {"jsonl": [], "csv": [], "binary": []}
-
-    def place(length: int, kinds: tuple[str, ...], borrow: bool = False) -> None:
-        """Give a file of `length` bytes to the first of `kinds` whose budget holds it."""
-        usable = [kind for kind in kinds if length >= min_size[kind]]
-        for kind in usable:
-            if budget[kind] >= length:
-                budget[kind] -= length
-                sizes[kind].append(length)
-                return
-        if borrow and usable:
-            kind = usable[0]
-            for other in ("binary", "csv", "jsonl"):
-                if other != kind:
-                    moved = min(budget[other], length - budget[kind])
-                    budget[other] -= moved
-                    budget[kind] += moved
-            place(length, (kind,))
-
-    # The chunk-boundary files come first so that the budget goes to them, not to filler.
-    if size >= 2 * hint:
-        place(hint + max(1, hint // 2), ("jsonl", "binary"), borrow=True)
-    place(hint, ("jsonl", "binary", "csv"))
-    place(hint + 1, ("binary", "jsonl", "csv"))
-
-    small = max(1, min(_SMALL_FILE, hint // 8))
-    for kind in ("jsonl", "csv", "binary"):  # binary last: it takes what text cannot use
-        left = budget[kind]
-        if kind != "binary" and left < min_size[kind]:
-            budget["binary"] += left
-            continue
-        # The floor keeps a tiny chunk hint from asking for millions of files.
-        low = max(small, min_size[kind], left // _MAX_FILES_PER_KIND)
-        count = 0
-        while left > 0:
-            # Log-uniform sizes give many small files and a few big ones; every other file
-            # stays under the chunk hint so that there are always several small ones.
-            high = max(low, hint - 1 if count % 2 == 0 else 2 * hint)
-            drawn = round(math.exp(rng.uniform(math.log(low), math.log(high))))
-            length = min(max(drawn, low), high)  # exp(log(x)) can land a hair under x
-            if left - length < low:
-                length = left
-            sizes[kind].append(length)
-            left -= length
-            count += 1
-
-    plan = [_PlannedFile("misc/empty.txt", "empty", 0)]
-    for i, length in enumerate(sizes["jsonl"]):
-        month = _MONTHS[i % len(_MONTHS)]
-        plan.append(
-            _PlannedFile(f"logs/2026/{month:02d}/app-{i:03d}.jsonl", "jsonl", length, month)
-        )
-    for i, length in enumerate(sizes["csv"]):
-        month = _MONTHS[i % len(_MONTHS)]
-        plan.append(_PlannedFile(f"exports/orders-{i:03d}.csv", "csv", length, month))
-    for i, length in enumerate(sizes["binary"]):
-        folder = _BLOB_FOLDERS[i % len(_BLOB_FOLDERS)]
-        plan.append(_PlannedFile(f"blobs/{folder}/blob-{i:03d}.bin", "binary", length))
-    return plan
-
-
-# --- writing ----------------------------------------------------------------------------------
-
-
-class _LineSource(Protocol):
-    """Makes the lines of one text file."""
-
-    header: bytes  # written once at the top of the file
-    longest: int  # longest line `draw` can return
-    shortest: int  # shortest line `draw` can return
-    shortest_fit: int  # shortest line `fit` can make
-
-    def draw(self, count: int) -> tuple[list[list[bytes]], _I64]:
-        """Return `count` lines as columns of pieces (line i joins piece i of each column)."""
-        ...
-
-    def rewind(self, unused: int) -> None:
-        """Forget the last `unused` lines drawn, so that the next line follows the last kept."""
-        ...
-
-    def fit(self, length: int) -> bytes:
-        """Return one line of exactly `length` bytes, newline included."""
-        ...
-
-
-def _write_text(out: BinaryIO, size: int, lines: _LineSource) -> None:
-    """Write exactly `size` bytes of whole lines: sampled blocks, then one fitted line."""
-    out.write(lines.header)
-    left = size - len(lines.header)
-    # Stop sampling while there is still room for the longest line plus a fitted one, so the
-    # last line can always be made exactly as long as what is left.
-    reserve = lines.longest + lines.shortest_fit
-    per_block = max(1, _BLOCK_BYTES // lines.longest)
-    while left >= reserve:
-        pieces, lengths = lines.draw(min(per_block, (left - reserve) // lines.shortest + 1))
-        ends = np.cumsum(lengths)
-        # Keep every line that starts while at least `reserve` bytes are left.
-        keep = int(np.searchsorted(ends - lengths, left - reserve, side="right"))
-        lines.rewind(len(lengths) - keep)
-        out.write(_join(pieces, keep))
-        left -= int(ends[keep - 1])
-    out.write(lines.fit(left))
-
-
-def _join(columns: list[list[bytes]], count: int) -> bytes:
-    """Concatenate the first `count` lines, each made of one piece from every column."""
-    width = len(columns)
-    parts: list[bytes] = [b""] * (width * count)
-    for i, column in enumerate(columns):
-        parts[i::width] = column[:count]
-    return b"".join(parts)
-
-
-def _write_blob(out: BinaryIO, size: int, rng: np.random.Generator) -> None:
-    """Write `size` incompressible pseudo-random bytes."""
-    left = size
-    while left > 0:
-        length = min(left, _BLOCK_BYTES)
-        # Raw 64-bit words are the fastest numpy randomness; little-endian keeps the bytes the
-        # same on every platform.
-        words = rng.bit_generator.random_raw((length + 7) // 8).astype("<u8", copy=False)
-        out.write(words.view(np.uint8)[:length].data)
-        left -= length
-
-
 # --- stamping per-line fields in bulk ----------------------------------------------------------
 
 
-def _template(text: bytes, count: int) -> _U8:
+def _template(text: bytes, count: int) -> U8:
     """Return `count` rows, each a copy of `text`, to stamp per-line fields into."""
     return np.tile(np.frombuffer(text, dtype=np.uint8), (count, 1))
 
 
-def _rows(matrix: _U8) -> list[bytes]:
+def _rows(matrix: U8) -> list[bytes]:
     """Return each row of `matrix` as bytes (rows never end in NUL, which numpy would strip)."""
     rows: list[bytes] = matrix.view(f"S{matrix.shape[1]}").ravel().tolist()
     return rows
 
 
-def _put_digits(matrix: _U8, col: int, values: _I64, width: int) -> None:
+def _put_digits(matrix: U8, col: int, values: I64, width: int) -> None:
     """Write `values` as zero-padded decimals of `width` digits at column `col`."""
     for place in range(width):
         matrix[:, col + width - 1 - place] = values // 10**place % 10 + ord("0")
 
 
-def _put_hex(matrix: _U8, col: int, width: int, rng: np.random.Generator) -> None:
+def _put_hex(matrix: U8, col: int, width: int, rng: np.random.Generator) -> None:
     """Write `width` random lowercase hex digits at column `col`."""
     raw = rng.integers(0, 256, size=(matrix.shape[0], width // 2), dtype=np.uint8)
     matrix[:, col : col + width : 2] = _HEX[raw >> 4]
     matrix[:, col + 1 : col + width : 2] = _HEX[raw & 15]
 
 
-def _put_timestamps(matrix: _U8, col: int, epoch_ms: _I64, millis: bool) -> None:
+def _put_timestamps(matrix: U8, col: int, epoch_ms: I64, millis: bool) -> None:
     """Write ISO-8601 "YYYY-MM-DDTHH:MM:SS[.mmm]" times at column `col` (times ascending)."""
     days = epoch_ms // _DAY_MS
     first = int(days[0])
@@ -304,13 +70,13 @@ def _clock(rng: np.random.Generator, month: int) -> int:
     return int(start.timestamp() * 1000) + int(rng.integers(0, 21 * _DAY_MS))
 
 
-def _ticks(rng: np.random.Generator, start_ms: int, count: int, mean_gap_ms: float) -> _I64:
+def _ticks(rng: np.random.Generator, start_ms: int, count: int, mean_gap_ms: float) -> I64:
     """Return `count` ascending times after `start_ms`, with exponential gaps."""
     gaps = rng.exponential(mean_gap_ms, count).astype(np.int64)
     return start_ms + np.cumsum(gaps)
 
 
-def _as_table(items: list[bytes]) -> tuple[_Bytes, _I64]:
+def _as_table(items: list[bytes]) -> tuple[BytesArray, I64]:
     """Return `items` as an array to sample by index, and their lengths."""
     table = np.empty(len(items), dtype=object)
     table[:] = items
@@ -395,7 +161,7 @@ class _LogRecord:
         ).encode()
 
 
-class _LogPool:
+class LogPool:
     """The distinct log records and latency values every log file samples from."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -446,12 +212,12 @@ def _log_records(rng: np.random.Generator, count: int) -> list[_LogRecord]:
     return records
 
 
-class _LogLines:
+class LogLines:
     """The lines of one log file: pooled records with fresh times, trace ids and latencies."""
 
     header = b""
 
-    def __init__(self, pool: _LogPool, rng: np.random.Generator, month: int) -> None:
+    def __init__(self, pool: LogPool, rng: np.random.Generator, month: int) -> None:
         self._pool = pool
         self._rng = rng
         self._now_ms = _clock(rng, month)
@@ -471,7 +237,7 @@ class _LogLines:
         _put_hex(matrix, _SPAN_COL, 16, self._rng)
         return _rows(matrix)
 
-    def draw(self, count: int) -> tuple[list[list[bytes]], _I64]:
+    def draw(self, count: int) -> tuple[list[list[bytes]], I64]:
         """Return `count` lines as columns of pieces, and their lengths."""
         pool = self._pool
         pick = self._rng.integers(0, len(pool.entries), count)
@@ -543,7 +309,7 @@ class _OrderItem:
         ).encode()
 
 
-class _OrderPool:
+class OrderPool:
     """The distinct customers and order items every CSV export samples from."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -594,12 +360,12 @@ def _order_items(rng: np.random.Generator, count: int) -> list[_OrderItem]:
     ]
 
 
-class _OrderLines:
+class OrderLines:
     """The rows of one CSV export: pooled customers and items with fresh order ids and times."""
 
     header = _CSV_HEADER
 
-    def __init__(self, pool: _OrderPool, rng: np.random.Generator, month: int) -> None:
+    def __init__(self, pool: OrderPool, rng: np.random.Generator, month: int) -> None:
         self._pool = pool
         self._rng = rng
         self._now_ms = _clock(rng, month)
@@ -621,7 +387,7 @@ class _OrderLines:
         _put_timestamps(matrix, _CREATED_COL, times, millis=False)
         return _rows(matrix)
 
-    def draw(self, count: int) -> tuple[list[list[bytes]], _I64]:
+    def draw(self, count: int) -> tuple[list[list[bytes]], I64]:
         """Return `count` rows as columns of pieces, and their lengths."""
         pool = self._pool
         who = self._rng.integers(0, len(pool.customers), count)
