@@ -118,9 +118,14 @@ def error_body(exc: BaseException, node_id: str) -> tuple[int, dict[str, Any]]:
         code = "validation"
     elif isinstance(exc, NodeUnavailable):
         code, culprit = "node_unavailable", exc.node_id
+    elif isinstance(exc, StorageError):
+        code = "internal"  # the node's own disk failed: the server's fault, not the request's
     elif isinstance(exc, MulticloudError):
         code = "bad_request"
-    return STATUS[code], {"error": code, "message": str(exc), "node_id": culprit}
+    body = {"error": code, "message": str(exc), "node_id": culprit}
+    if isinstance(exc, NodeUnavailable):
+        body["reason"] = exc.reason  # so the client's NodeUnavailable does not say it twice
+    return STATUS[code], body
 
 
 def raise_for_error(status: int, body: dict[str, Any] | None, node_id: str) -> None:
@@ -138,7 +143,7 @@ def raise_for_error(status: int, body: dict[str, Any] | None, node_id: str) -> N
     if code == "validation":
         raise ValidationFailed(message)
     if code in ("node_unavailable", "not_ready") or status in (502, 503):
-        raise NodeUnavailable(culprit, message)
+        raise NodeUnavailable(culprit, str(body.get("reason") or message))
     if status == 401:
         raise ClusterError(f"{node_id} refused our token (401): check MULTICLOUD_TOKEN or "
                            f"the data dir's token file")

@@ -387,7 +387,10 @@ class PipelineOrchestrator:
 
     def _progressed(self) -> None:
         for listener in list(self._listeners):
-            listener(self)
+            try:
+                listener(self)
+            except Exception:  # a broken watcher must not fail the batch
+                log.exception("progress listener %r failed", listener)
         self._wake_waiters()
 
     def _wake_waiters(self, force: bool = False) -> None:
