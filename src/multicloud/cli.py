@@ -26,6 +26,14 @@ from multicloud.cluster.registry import NodeRegistry
 from multicloud.cluster.remote import connect_cluster
 from multicloud.config import PipelineConfig, load_config
 from multicloud.errors import MulticloudError
+from multicloud.monitoring.dashboard import (
+    DashboardView,
+    run_with_dashboard,
+    should_use_dashboard,
+    watch_status,
+)
+from multicloud.monitoring.logger import DEFAULT_LOG_FILE, PipelineLogger
+from multicloud.monitoring.prometheus import MetricsServer, fetch_status
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
 from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.render import node_table, print_summary, run_with_progress
@@ -71,8 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force-cross-cloud", action="store_true",
                      help="guarantee a replica outside the source cloud")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--no-dashboard", action="store_true",
+                     help="plain progress bars instead of the live dashboard")
+    run.add_argument("--log-file", type=Path, default=Path(DEFAULT_LOG_FILE),
+                     help="JSON-lines event log (default: logs/pipeline.log)")
+    run.add_argument("--metrics-port", type=int, default=0,
+                     help="serve /metrics and /status here (default: any free port)")
     common(run)
     run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="live view of the cluster and its current batch")
+    status.add_argument("--watch", action="store_true", help="keep refreshing until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    status.add_argument("--json", action="store_true")
+    common(status)
+    status.set_defaults(handler=cmd_status)
 
     restore = sub.add_parser("restore", help="rebuild a batch's files byte-exact")
     restore.add_argument("batch_id")
@@ -266,12 +287,26 @@ async def cmd_run(args: argparse.Namespace) -> int:
         batch_config["batch_id"] = args.batch_id
     if args.source_cloud:
         batch_config["source_cloud"] = args.source_cloud
+    logger = PipelineLogger(args.log_file)
+    logger.attach(orchestrator)
+    token = resolve_token(args.token_file, args.data_dir) if args.cluster else None
+    server = MetricsServer(orchestrator, host=config.cluster.service.host,
+                           port=args.metrics_port, token=token)
+    console = Console(stderr=True)
     try:
-        if args.json or not sys.stderr.isatty():
+        url = await server.start()
+        ready = write_ready_file(args.data_dir, "orchestrator", url)
+        if args.json or not console.is_terminal:
             result = await orchestrator.run_pipeline(batch_config)
-        else:
+        elif args.no_dashboard or args.verbose or not should_use_dashboard(console):
             result = await run_with_progress(orchestrator, batch_config)
+        else:
+            result = await run_with_dashboard(orchestrator, batch_config, console)
     finally:
+        if "ready" in locals():
+            ready.unlink(missing_ok=True)
+        await server.stop()
+        logger.close()
         await orchestrator.close()
         await registry.close()
     if args.json:
@@ -282,6 +317,35 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"error: {result.error}", file=sys.stderr)
         return EXIT_USAGE
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """multicloud status [--watch]: the cluster's nodes and the running batch, if any."""
+    state = read_state(args.data_dir)
+    if not args.cluster and state is not None:
+        args.cluster = state["registry"]
+    _, registry = await _open(args, read_only=True)
+    token = resolve_token(args.token_file, args.data_dir) if args.cluster else None
+
+    async def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        nodes = await registry.report()
+        return await fetch_status(args.data_dir, token), nodes
+
+    async def fetch() -> DashboardView:
+        status, nodes = await snapshot()
+        return DashboardView.from_status(status, nodes)
+
+    try:
+        if args.json:
+            status, nodes = await snapshot()
+            print(json.dumps({"status": status, "nodes": nodes}, indent=2, default=str))
+            return EXIT_OK
+        console = Console()
+        await watch_status(fetch, console, interval_s=args.interval,
+                           once=not args.watch or not should_use_dashboard(console))
+    finally:
+        await registry.close()
     return EXIT_OK
 
 

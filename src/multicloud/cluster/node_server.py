@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from multicloud.cluster.auth import auth_header, auth_middleware
 from multicloud.cluster.chunk_store import ChunkStore, check_chunk_id
@@ -39,6 +41,7 @@ from multicloud.cluster.wire import (
 )
 from multicloud.config import ProcessingConfig, ServiceConfig
 from multicloud.errors import ClusterError, MulticloudError, NodeUnavailable
+from multicloud.monitoring.prometheus import CallbackCollector, metrics_response
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class NodeServer:
         self._session: aiohttp.ClientSession | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._url = ""
+        self._metrics_registry = CollectorRegistry()  # private: several nodes per process
+        self._metrics_registry.register(CallbackCollector(self._collect_metrics))
 
     @property
     def url(self) -> str:
@@ -287,18 +292,23 @@ class NodeServer:
         return web.json_response(ack_to_json(ack_from_json(reply)))
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        return metrics_response(self._metrics_registry)
+
+    def _collect_metrics(self) -> list[Metric]:
+        """The node's series, read when scraped."""
         chunks, nbytes = self._usage
-        labels = f'node="{self.node_id}",cloud="{self.cloud}",region="{self.region}"'
-        text = (
-            "# HELP multicloud_node_chunks Chunks stored on this node.\n"
-            "# TYPE multicloud_node_chunks gauge\n"
-            f"multicloud_node_chunks{{{labels}}} {chunks}\n"
-            "# HELP multicloud_node_bytes Bytes stored on this node.\n"
-            "# TYPE multicloud_node_bytes gauge\n"
-            f"multicloud_node_bytes{{{labels}}} {nbytes}\n"
-            "# HELP multicloud_node_inflight_requests Requests being served.\n"
-            "# TYPE multicloud_node_inflight_requests gauge\n"
-            f"multicloud_node_inflight_requests{{{labels}}} {self.inflight - 1}\n"
-        )
-        return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        labels = ["node", "cloud", "region"]
+        values = [self.node_id or "", self.cloud, self.region]
+        families = [
+            ("multicloud_node_chunks", "Chunks stored on this node.", chunks),
+            ("multicloud_node_bytes", "Bytes stored on this node.", nbytes),
+            # The scrape itself is in flight; it does not count.
+            ("multicloud_node_inflight_requests", "Requests being served.",
+             max(self.inflight - 1, 0)),
+        ]
+        result: list[Metric] = []
+        for name, doc, value in families:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, value)
+            result.append(family)
+        return result
