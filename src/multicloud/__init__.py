@@ -34,6 +34,7 @@ from multicloud.errors import (
     ValidationFailed,
 )
 from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.monitoring.profiler import PerformanceProfiler
 from multicloud.pipeline.distribution import DistributionCoordinator
 from multicloud.pipeline.ingestion import DataIngestionEngine
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
@@ -73,6 +74,7 @@ __all__ = [
     "NodeRegistry",
     "NodeStatus",
     "NodeUnavailable",
+    "PerformanceProfiler",
     "PipelineConfig",
     "PipelineMetrics",
     "PipelineOrchestrator",

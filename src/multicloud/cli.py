@@ -37,6 +37,7 @@ from multicloud.monitoring.prometheus import MetricsServer, fetch_status
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
 from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.render import node_table, print_summary, run_with_progress
+from multicloud.types import PipelineResult
 from multicloud.units import format_bytes, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -87,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve /metrics and /status here (default: any free port)")
     common(run)
     run.set_defaults(handler=cmd_run)
+
+    prof = sub.add_parser("profile", help="run a batch N times, find the bottleneck, "
+                                          "recommend config")
+    prof.add_argument("--source", required=True, help="directory or file to run")
+    prof.add_argument("--runs", type=int, default=5)
+    prof.add_argument("--out", type=Path, default=Path("profile-out"),
+                      help="where report.md and the charts go")
+    prof.add_argument("--config-dir", type=Path, default=Path("config"))
+    prof.add_argument("--apply", dest="apply_dir", type=Path, metavar="DIR",
+                      help="also write the recommended config to DIR")
+    prof.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                      help="run two config dirs on the source and show the difference")
+    prof.add_argument("--nodes", help="nodes per cloud, e.g. aws=3,gcp=3")
+    prof.add_argument("--no-charts", action="store_true")
+    prof.set_defaults(handler=cmd_profile)
 
     status = sub.add_parser("status", help="live view of the cluster and its current batch")
     status.add_argument("--watch", action="store_true", help="keep refreshing until Ctrl-C")
@@ -318,6 +334,49 @@ async def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+async def cmd_profile(args: argparse.Namespace) -> int:
+    """multicloud profile --source DIR [--runs N] [--apply DIR] [--compare OLD NEW]."""
+    from multicloud.monitoring.profile_runs import compare_configs, run_profile
+
+    nodes = _parse_nodes(args.nodes) if args.nodes else None
+    console = Console(stderr=True)
+
+    def progress(i: int, runs: int, result: PipelineResult) -> None:
+        console.print(f"run {i}/{runs}: {result.duration_seconds:.2f}s, "
+                      f"{result.metrics.get('throughput_mb_s', 0):.1f} MB/s")
+
+    if args.compare:
+        old, new = args.compare
+        comparison = await compare_configs(args.source, old, new, runs=args.runs,
+                                           out_dir=args.out, nodes_per_cloud=nodes,
+                                           on_run=progress)
+        print(comparison.to_markdown())
+        return EXIT_OK
+    outcome = await run_profile(args.source, runs=args.runs, config_dir=args.config_dir,
+                                out_dir=args.out, nodes_per_cloud=nodes,
+                                apply_dir=args.apply_dir, on_run=progress,
+                                charts=not args.no_charts)
+    print(outcome.report_path.read_text())
+    for chart in outcome.charts:
+        print(f"chart: {chart}")
+    if outcome.applied_dir is not None:
+        print(f"recommended config written to {outcome.applied_dir}; measure it with "
+              f"`multicloud profile --source {args.source} --compare {args.config_dir} "
+              f"{outcome.applied_dir}`")
+    return EXIT_OK
+
+
+def _parse_nodes(text: str) -> dict[str, int]:
+    """"aws=3,gcp=3" as a dict, with a clear error for anything else."""
+    nodes: dict[str, int] = {}
+    for part in text.split(","):
+        cloud, _, count = part.partition("=")
+        if not cloud.strip() or not count.strip().isdigit():
+            raise CliError(f"--nodes {text!r}: expected cloud=count pairs, e.g. aws=3,gcp=3")
+        nodes[cloud.strip()] = int(count)
+    return nodes
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

@@ -17,7 +17,8 @@ Every message names the bad value, what would be valid, and what to do about it.
     │   ├── IntegrityError       bytes whose checksum does not match
     │   ├── ChunkNotFound        a node does not hold the asked-for chunk
     │   └── UnknownBatch         a batch id the manifest does not know
-    └── RestoreError             a file could not be rebuilt from any replica
+    ├── RestoreError             a file could not be rebuilt from any replica
+    └── ProfileError             a profiling request that cannot be measured
 """
 
 from __future__ import annotations
@@ -99,3 +100,7 @@ class UnknownBatch(StorageError):
 
 class RestoreError(MulticloudError):
     """One or more files could not be rebuilt from any replica."""
+
+
+class ProfileError(MulticloudError):
+    """A profiling request that cannot be measured (no runs, or a run that fails)."""

@@ -298,7 +298,8 @@ class PipelineOrchestrator:
 
     async def _finish(self, batch_id: str, ledger_before: dict[str, Any]) -> PipelineResult:
         self.current_stage = Stage.DISTRIBUTION.value
-        await self.distribution_coordinator.drain()
+        with self.metrics.busy("distribution"):  # replicas past quorum are distribution too
+            await self.distribution_coordinator.drain()
         self._stage_complete(Stage.DISTRIBUTION)
         self.current_stage = Stage.STORAGE.value
         storage = self.storage_manager
@@ -308,7 +309,8 @@ class PipelineOrchestrator:
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
         repair = None
         if self.config.storage.repair:
-            repair = await storage.repair()
+            with self.metrics.busy("storage"):
+                repair = await storage.repair()
             self._emit("repair_done", f"{repair.replicas_created} replica(s) re-created, "
                        f"{repair.under_replicated} chunk(s) still under-replicated",
                        level="warning" if repair.under_replicated else "info",
