@@ -133,7 +133,8 @@ async def test_demo_in_cluster_mode_kills_a_node_process_and_recovers(
     text = " ".join(out.export_text().split())
     assert ok, text
     assert "real processes over HTTP" in text
-    assert "killed aws-node-2" in text and "with SIGKILL" in text
+    assert "killed aws-node-2" in text
+    assert "with SIGKILL" in text
     assert "failure detected: aws-node-2 is unhealthy" in text
     assert "under-replicated chunks: 0" in text
     assert "byte-identical to the source: yes" in text
