@@ -51,6 +51,9 @@ class Chunk:
     # newline, None when unknown), so the line that straddles the boundary is validated
     # here, by the chunk it ends in.
     line_prefix: bytes | None = field(default=None, repr=False)
+    # xxh3-128 hex of the raw bytes, taken by ingestion with the SHA-256, so processing
+    # can check the bytes arrived intact without a second SHA-256 pass (None: use SHA-256).
+    raw_xxh3: str | None = None
     # The raw bytes while they are in flight; dropped once processed.
     data: bytes | memoryview | None = field(default=None, repr=False, compare=False)
 

@@ -29,7 +29,7 @@ CHECKSUM_HEADER = "X-Multicloud-Checksum"
 API = "/v1"
 
 _CHUNK_FIELDS = ("chunk_id", "file", "index", "offset", "size_bytes", "source_cloud",
-                 "record_format", "csv_columns", "at_file_end")
+                 "record_format", "csv_columns", "at_file_end", "raw_xxh3")
 
 
 # An unfinished line carried from the previous chunk rides in the header when it is short;
@@ -50,7 +50,7 @@ def chunk_from_header(value: str) -> Chunk:
     """The Chunk a header describes."""
     raw = json.loads(value)
     prefix = raw.get("line_prefix")
-    return Chunk(**{name: raw[name] for name in _CHUNK_FIELDS},
+    return Chunk(**{name: raw.get(name) for name in _CHUNK_FIELDS},
                  line_prefix=base64.b64decode(prefix) if prefix is not None else None)
 
 

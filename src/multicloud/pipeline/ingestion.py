@@ -1,5 +1,8 @@
 """Stage 1, ingestion: cut source files into fixed-size chunks and hash each one once.
 
+Each chunk gets its SHA-256 (the chunk id) and, in the same pass over the bytes in cache,
+an xxh3-128 that processing uses to check the bytes arrived intact.
+
 Files are read in chunk-sized pieces on a worker thread (read and SHA-256 together), so a
 file is never held whole and the event loop never hashes. A whole-file digest is derived
 from the chunk ids (SHA-256 over them, like a one-level Merkle tree), so restore can check
@@ -18,6 +21,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import xxhash
 
 from multicloud.config import IngestionConfig
 from multicloud.errors import SourceError
@@ -57,13 +62,14 @@ def _read(path: Path, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
-def _read_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, str]:
+def _read_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, str, str]:
+    """The bytes, their SHA-256 (the chunk id) and their xxh3-128 (for the transit check)."""
     data = _read(path, offset, size)
-    return data, hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest(), xxhash.xxh3_128_hexdigest(data)
 
 
-def _hash(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _hash(data: bytes | memoryview) -> tuple[str, str]:
+    return hashlib.sha256(data).hexdigest(), xxhash.xxh3_128_hexdigest(data)
 
 
 def _csv_columns(data: bytes | memoryview) -> int | None:
@@ -149,7 +155,7 @@ class DataIngestionEngine:
         released by the consumer once the chunk is done with: that bounds memory.
         """
         size = self.config.chunk_size_bytes
-        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes, str]]]] = deque()
+        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes, str, str]]]] = deque()
         progress: dict[str, _FileProgress] = {}
         try:
             for piece in _plan(files, size):
@@ -172,18 +178,18 @@ class DataIngestionEngine:
                 task.cancel()
             await asyncio.gather(*(task for _, task in window), return_exceptions=True)
 
-    async def _read(self, piece: _Piece) -> tuple[bytes, str]:
+    async def _read(self, piece: _Piece) -> tuple[bytes, str, str]:
         self.metrics.attempt("ingestion")
         with self.metrics.busy("ingestion"):
             return await asyncio.to_thread(_read_and_hash, piece.file.path, piece.offset,
                                            piece.length)
 
-    async def _complete(self, piece: _Piece, task: asyncio.Task[tuple[bytes, str]],
+    async def _complete(self, piece: _Piece, task: asyncio.Task[tuple[bytes, str, str]],
                         source_cloud: str, progress: dict[str, _FileProgress]) -> Chunk:
         started = time.perf_counter()
         source_file = piece.file
         try:
-            data, chunk_id = await task
+            data, chunk_id, raw_xxh3 = await task
         except OSError as exc:
             self.stats.failures += 1
             self.metrics.failure("ingestion")
@@ -210,7 +216,7 @@ class DataIngestionEngine:
         return Chunk(chunk_id=chunk_id, file=source_file.rel_path, index=piece.index,
                      offset=piece.offset, size_bytes=piece.length, source_cloud=source_cloud,
                      path=source_file.path, record_format=fmt, csv_columns=state.csv_columns,
-                     at_file_end=at_end, line_prefix=prefix, data=data)
+                     at_file_end=at_end, line_prefix=prefix, raw_xxh3=raw_xxh3, data=data)
 
     def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
         self.stats.files += 1
@@ -240,7 +246,7 @@ class DataIngestionEngine:
         carry: bytes | None = b""
         for index, offset in enumerate(range(0, len(view), size)):
             piece = view[offset:offset + size]
-            chunk_id = await asyncio.to_thread(_hash, piece)
+            chunk_id, raw_xxh3 = await asyncio.to_thread(_hash, piece)
             prefix = carry if index > 0 else None
             if fmt is not None:
                 carry = line_carry(prefix if index > 0 else b"", piece)
@@ -248,7 +254,7 @@ class DataIngestionEngine:
                                 size_bytes=len(piece), source_cloud=cloud, record_format=fmt,
                                 csv_columns=_csv_columns(view) if fmt == "csv" else None,
                                 at_file_end=offset + len(piece) >= len(view),
-                                line_prefix=prefix, data=piece))
+                                line_prefix=prefix, raw_xxh3=raw_xxh3, data=piece))
         self.stats.chunks += len(chunks)
         self.stats.bytes += len(view)
         return chunks

@@ -373,6 +373,19 @@ def _check_chunk(chunk: Chunk, view: memoryview) -> bytes:
         raise ValidationFailed(
             f"{_where(chunk)}: got {len(view)} bytes, expected size_bytes={chunk.size_bytes}"
         )
+    if chunk.raw_xxh3 is not None:
+        # Ingestion took an xxh3-128 of the same bytes beside the SHA-256: checking it here
+        # catches corruption on the way to this node at a twentieth of the cost of SHA-256
+        # (300 MB/s a core on this hardware). Identity is checked end to end at restore,
+        # where decode_blob compares the rebuilt bytes' SHA-256 with the chunk id.
+        actual = xxhash.xxh3_128_hexdigest(view)
+        if actual != chunk.raw_xxh3:
+            raise ValidationFailed(
+                f"{_where(chunk)}: xxh3-128 of the data is {actual}, not {chunk.raw_xxh3} as "
+                f"at ingestion: the bytes changed on the way; re-read the source")
+        if not _HEX64.fullmatch(chunk.chunk_id):
+            raise InvalidChunkId(chunk.chunk_id)
+        return bytes.fromhex(chunk.chunk_id)
     raw_hash = hashlib.sha256(view).digest()
     if raw_hash.hex() != chunk.chunk_id:
         raise ValidationFailed(
