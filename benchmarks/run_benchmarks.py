@@ -149,6 +149,57 @@ async def processing_latency(out: Path, count: int = 100,
         shutil.rmtree(out / "latency-cluster", ignore_errors=True)
 
 
+async def observed_run(source: Path, data_dir: Path, observe: bool) -> float:
+    """One in-process run; with observe, the dashboard, the JSON log and /metrics are on
+    (the dashboard drawn at 4 Hz into a terminal-like console, /metrics scraped twice a
+    second). Returns the run's duration."""
+    import io
+
+    import aiohttp
+    from rich.console import Console
+
+    from multicloud import PipelineOrchestrator
+    from multicloud.monitoring.dashboard import run_with_dashboard
+    from multicloud.monitoring.logger import PipelineLogger
+    from multicloud.monitoring.prometheus import MetricsServer
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    registry = create_local_cluster(data_dir, {"aws": 3, "gcp": 3})
+    orch = PipelineOrchestrator(registry, config_dir=None)
+    batch = {"batch_id": "obs", "data_source": str(source)}
+    try:
+        if not observe:
+            result = await orch.run_pipeline(batch)
+            return result.duration_seconds
+        logger = PipelineLogger(data_dir / "pipeline.log")
+        logger.attach(orch)
+        server = MetricsServer(orch)
+        url = await server.start()
+        done = asyncio.Event()
+
+        async def scrape() -> None:
+            async with aiohttp.ClientSession() as session:
+                while not done.is_set():
+                    async with session.get(f"{url}/metrics") as resp:
+                        await resp.read()
+                    await asyncio.sleep(0.5)
+
+        scraper = asyncio.create_task(scrape())
+        console = Console(file=io.StringIO(), force_terminal=True, width=120)
+        try:
+            result = await run_with_dashboard(orch, batch, console)
+        finally:
+            done.set()
+            await scraper
+            await server.stop()
+            logger.close()
+        return result.duration_seconds
+    finally:
+        await orch.close()
+        await registry.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def dataset(out: Path, name: str, size: int) -> Path:
     root = out / name
     marker = root / ".complete"
@@ -174,6 +225,8 @@ def main() -> None:
     parser.add_argument("--size", default="1GiB")
     parser.add_argument("--big", default="4GiB", help="second size for the RSS check ('' skips)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--obs-runs", type=int, default=3,
+                        help="runs with observability on and off, each (0 skips)")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +274,20 @@ def main() -> None:
               f" for {format_bytes(big)}", flush=True)
         shutil.rmtree(out / "cluster-big", ignore_errors=True)
 
-    # 4. processing latency for 100 KiB chunks
+    # 4. observability on against off, alternating so drift hits both
+    off: list[float] = []
+    on: list[float] = []
+    for _ in range(args.obs_runs):
+        drop_caches()
+        off.append(asyncio.run(observed_run(source, out / "obs", observe=False)))
+        drop_caches()
+        on.append(asyncio.run(observed_run(source, out / "obs", observe=True)))
+    if off:
+        results["observability"] = {"off_s": off, "on_s": on,
+                                    "on_over_off": (sum(on) / len(on)) / (sum(off) / len(off))}
+        print(f"observability: off {off}, on {on}", flush=True)
+
+    # 5. processing latency for 100 KiB chunks
     results["processing_latency"] = asyncio.run(processing_latency(out))
     print(f"processing 100 KiB chunks: {results['processing_latency']}", flush=True)
 
@@ -250,6 +316,12 @@ def render(r: dict[str, Any]) -> str:
     if "rss" in r:
         lines.append(f"| peak RSS, {format_bytes(r['rss']['big_size'])} input | "
                      f"{format_bytes(r['rss']['big_bytes'])} |")
+    if "observability" in r:
+        obs = r["observability"]
+        lines.append(f"| observability on / off (dashboard, log, /metrics) | "
+                     f"{sum(obs['on_s']) / len(obs['on_s']):.2f} s / "
+                     f"{sum(obs['off_s']) / len(obs['off_s']):.2f} s "
+                     f"({obs['on_over_off']:.3f}) |")
     lines.append(f"| processing 100 KiB chunks, p50 / p99 | {lat['p50_ms']:.1f} / "
                  f"{lat['p99_ms']:.1f} ms |")
     return "\n".join(lines) + "\n"
