@@ -141,7 +141,7 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
     def fail(orch: PipelineOrchestrator) -> None:
         if failed_at or orch.progress_percent < FAIL_AT_PERCENT:
             return
-        failed_at.append(time.monotonic())
+        failed_at.append(time.time())
         if victim.id in pids:
             os.kill(pids[victim.id], signal.SIGKILL)
             out.print(f"  [red]killed {victim.id} (pid {pids[victim.id]}) with SIGKILL at "
@@ -154,7 +154,7 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
 
     def watch(node: Any, old: NodeStatus, reason: str) -> None:
         if node.id == victim.id and node.status is NodeStatus.UNHEALTHY and failed_at:
-            noticed.append(time.monotonic())
+            noticed.append(time.time())
             out.print(f"  failure detected: {node.id} is unhealthy ({reason})")
 
     unsubscribe = registry.subscribe(watch)
@@ -168,6 +168,10 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
     storage = result.metrics.get("storage", {})
     if failed_at and noticed:
         out.print(f"  detected {noticed[0] - failed_at[0]:.2f}s after the failure")
+    repaired = [e for e in result.metrics.get("events", []) if e["kind"] == "repair_done"]
+    if failed_at and repaired and storage.get("under_replicated") == 0:
+        out.print(f"  every chunk back at {orchestrator.config.distribution.replication_factor} "
+                  f"replicas {repaired[-1]['at'] - failed_at[0]:.2f}s after the failure")
     out.print(f"  run finished: {result.status}; node failures handled: "
               f"{result.metrics.get('node_failures_handled', 0)}; replicas re-created by "
               f"repair: {storage.get('replicas_repaired', 0)}; under-replicated chunks: "

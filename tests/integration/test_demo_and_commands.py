@@ -40,6 +40,7 @@ async def test_demo_runs_its_five_parts_and_proves_the_result(tmp_path: Path,
     assert "failure detected: aws-node-2 is unhealthy" in text
     assert "run finished: success; node failures handled: 1" in text
     assert "under-replicated chunks: 0" in text
+    assert "every chunk back at 3 replicas" in text
     assert "byte-identical to the source: yes" in text
 
 
