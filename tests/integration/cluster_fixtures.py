@@ -280,7 +280,9 @@ class ProcessCluster:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    """Relative path (forward slashes) -> bytes of every regular file under root."""
+    """Relative path (forward slashes) -> bytes of every regular file under root, or root."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
     return {p.relative_to(root).as_posix(): p.read_bytes()
             for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -6,26 +6,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import assert_same_tree, tree
 
 from multicloud import NodeRegistry, PipelineConfig, PipelineOrchestrator, RestoreReport
 
 AssertRestored = Callable[..., Awaitable[RestoreReport]]
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    """Relative path (forward slashes) -> bytes of every regular file under root, or root."""
-    if root.is_file():
-        return {root.name: root.read_bytes()}
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def assert_same_tree(source: Path, restored: Path) -> None:
-    """Every source file exists under restored with the same bytes, and nothing else does."""
-    want, got = tree(source), tree(restored)
-    assert sorted(got) == sorted(want)
-    different = [path for path in want if got[path] != want[path]]
-    assert not different, f"restored files differ from the source: {different[:5]}"
 
 
 @pytest.fixture

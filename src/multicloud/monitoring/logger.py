@@ -7,17 +7,9 @@ logged per chunk unless a chunk fails, so the cost of a run's log is a few small
 Every line has `ts` (ISO 8601, UTC), `level` ("info", "warning" or "error"), `event`,
 `batch_id` (null outside a run) and `detail` (one human-readable line), followed by the
 event's own fields at the top level (a field whose name clashes with one of these five
-gets a trailing underscore, e.g. `event_`). The catalogue, the same as
-`multicloud.monitoring.events`:
-
-- `pipeline_started`: source, source_cloud, files, total_bytes
-- `stage_complete`: stage, metrics (that stage's summary; see `PipelineMetrics.get_summary`)
-- `chunk_failed`: file, index, chunk_id, stage, error
-- `node_unhealthy`: node_id, cloud, region, reason
-- `node_recovered`: node_id, reason
-- `replica_replaced`: chunk_id, failed_node, replacement, reason
-- `repair_done`: replicas_created, under_replicated, lost
-- `pipeline_finished`: status, duration_seconds, chunks, bytes, error
+gets a trailing underscore, e.g. `event_`). The event catalogue and each event's fields
+are in `multicloud.monitoring.events` (and `LOG_EVENTS` below); `stage_complete` carries
+the stage's `PipelineMetrics` summary.
 
 An example line::
 
