@@ -83,6 +83,9 @@ class PipelineOrchestrator:
         self._started: float | None = None
         self._finished: float | None = None
         self._listeners: list[ProgressListener] = []
+        # Repairs started the moment a node fails, for the chunks committed so far.
+        self._repairs: set[asyncio.Task[None]] = set()
+        self.replicas_repaired_early = 0
         self._waiters: list[tuple[float, asyncio.Future[None]]] = []
 
     # -- live view, for the dashboard -------------------------------------------------------
@@ -211,6 +214,7 @@ class PipelineOrchestrator:
     async def close(self) -> None:
         """Release the manifest and stop listening to the registry."""
         await self.distribution_coordinator.drain()
+        await self._settle_repairs()
         self.distribution_coordinator.close()
         self.storage_manager.close()
 
@@ -225,6 +229,7 @@ class PipelineOrchestrator:
         self.timeline = []
         self.total_bytes = self.committed_bytes = self.committed_chunks = 0
         self.node_failures_handled = 0
+        self.replicas_repaired_early = 0
         self._finished = None
         self.current_stage = Stage.INGESTION.value
         self.ingestion_engine = DataIngestionEngine(self.node_registry, self.config.ingestion,
@@ -307,14 +312,16 @@ class PipelineOrchestrator:
         stats = self.ingestion_engine.stats
         await asyncio.to_thread(storage.manifest.add_files, batch_id, stats.file_entries)
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
+        await self._settle_repairs()
         repair = None
         if self.config.storage.repair:
             with self.metrics.busy("storage"):
                 repair = await storage.repair()
-            self._emit("repair_done", f"{repair.replicas_created} replica(s) re-created, "
+            created = repair.replicas_created + self.replicas_repaired_early
+            self._emit("repair_done", f"{created} replica(s) re-created, "
                        f"{repair.under_replicated} chunk(s) still under-replicated",
                        level="warning" if repair.under_replicated else "info",
-                       replicas_created=repair.replicas_created,
+                       replicas_created=created,
                        under_replicated=repair.under_replicated, lost=repair.lost)
         under = await storage.under_replicated()
         by_cloud, by_node = await storage.usage_by_place()
@@ -342,7 +349,8 @@ class PipelineOrchestrator:
         )
         summary["storage"].update(
             by_cloud=by_cloud, by_node=by_node, under_replicated=under,
-            replicas_repaired=repair.replicas_created if repair else 0,
+            replicas_repaired=(repair.replicas_created if repair else 0)
+            + self.replicas_repaired_early,
             chunks_lost=repair.lost if repair else 0,
         )
         summary["node_failures_handled"] = self.node_failures_handled
@@ -367,6 +375,7 @@ class PipelineOrchestrator:
     async def _fail(self, batch_id: str, error: BaseException, begun: bool) -> PipelineResult:
         self.pipeline_status = PipelineStatus.FAILED
         await self.distribution_coordinator.drain()
+        await self._settle_repairs()
         summary = self.metrics.get_summary()
         summary["node_failures_handled"] = self.node_failures_handled
         duration = time.perf_counter() - (self._started or time.perf_counter())
@@ -414,9 +423,41 @@ class PipelineOrchestrator:
             self._emit("node_unhealthy", f"{node.id} ({node.cloud}/{node.region}): {reason}",
                        level="warning", node_id=node.id, cloud=node.cloud, region=node.region,
                        reason=reason)
+            self._start_repair(node.id)
         else:
             self._emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
                        reason=reason)
+
+    def _start_repair(self, node_id: str) -> None:
+        """Re-replicate the committed chunks the failed node held, now, not at the end."""
+        if self.pipeline_status is not PipelineStatus.RUNNING or not self.config.storage.repair:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # marked from outside the event loop: the final repair covers it
+        task = loop.create_task(self._repair_after_failure(node_id))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _repair_after_failure(self, node_id: str) -> None:
+        storage = self.storage_manager
+        await storage.flush()
+        ids = sorted(storage.chunk_ids)
+        holders = await asyncio.to_thread(storage.manifest.replicas, ids)
+        affected = [chunk_id for chunk_id, nodes in holders.items() if node_id in nodes]
+        if affected:
+            with self.metrics.busy("storage"):
+                report = await storage.repair(affected)
+            self.replicas_repaired_early += report.replicas_created
+
+    async def _settle_repairs(self) -> None:
+        """Wait for the repairs started by failures (the final pass must not race them)."""
+        while self._repairs:
+            for outcome in await asyncio.gather(*list(self._repairs), return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    log.warning("repair after a node failure failed: %s (the final repair "
+                                "pass covers its chunks)", outcome)
 
     def _emit(self, kind: str, detail: str, *, level: str = "info", **fields: Any) -> None:
         self.bus.emit(kind, detail, batch_id=self.current_batch, level=level, **fields)
