@@ -309,6 +309,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     server = MetricsServer(orchestrator, host=config.cluster.service.host,
                            port=args.metrics_port, token=token)
     console = Console(stderr=True)
+    ready: Path | None = None
     try:
         url = await server.start()
         ready = write_ready_file(args.data_dir, "orchestrator", url)
@@ -319,7 +320,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         else:
             result = await run_with_dashboard(orchestrator, batch_config, console)
     finally:
-        if "ready" in locals():
+        if ready is not None:
             ready.unlink(missing_ok=True)
         await server.stop()
         logger.close()
