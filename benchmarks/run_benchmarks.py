@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,37 +95,34 @@ def run_pipeline(source: Path, data_dir: Path) -> tuple[float, int, dict[str, An
     return wall, usage.ru_maxrss * 1024, result
 
 
-def copy_floor(source: Path, out: Path) -> float:
-    dests = [out / f"cp-{i}" for i in range(3)]
+def three_copies(out: Path, name: str, command: Callable[[Path], list[str]]) -> float:
+    """Wall seconds to make three copies with command(dest), then sync (the same durability
+    the pipeline is held to); the copies are removed afterwards."""
+    dests = [out / f"{name}-{i}" for i in range(3)]
     for d in dests:
         shutil.rmtree(d, ignore_errors=True)
     drop_caches()
     started = time.perf_counter()
     for d in dests:
-        subprocess.run(["cp", "-r", str(source), str(d)], check=True)
+        subprocess.run(command(d), check=True, capture_output=True)
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - started
     for d in dests:
         shutil.rmtree(d, ignore_errors=True)
     return wall
+
+
+def copy_floor(source: Path, out: Path) -> float:
+    """The disk floor: three `cp -r` + sync."""
+    return three_copies(out, "cp", lambda d: ["cp", "-r", str(source), str(d)])
 
 
 def rclone_copy(source: Path, out: Path) -> float | None:
+    """What people use today: three `rclone copy --checksum` + sync (None without rclone)."""
     if shutil.which("rclone") is None:
         return None
-    dests = [out / f"rclone-{i}" for i in range(3)]
-    for d in dests:
-        shutil.rmtree(d, ignore_errors=True)
-    drop_caches()
-    started = time.perf_counter()
-    for d in dests:
-        subprocess.run(["rclone", "copy", "--checksum", "--config", "/dev/null", str(source),
-                        str(d)], check=True, capture_output=True)
-    subprocess.run(["sync"], check=True)
-    wall = time.perf_counter() - started
-    for d in dests:
-        shutil.rmtree(d, ignore_errors=True)
-    return wall
+    return three_copies(out, "rclone", lambda d: ["rclone", "copy", "--checksum", "--config",
+                                                  "/dev/null", str(source), str(d)])
 
 
 async def processing_latency(out: Path, count: int = 100,
