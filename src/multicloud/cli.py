@@ -19,21 +19,10 @@ from typing import Any
 from rich.console import Console
 
 from multicloud.cluster.auth import TOKEN_ENV, resolve_token
-from multicloud.cluster.launcher import cluster_down, cluster_up, read_state
 from multicloud.cluster.local import create_local_cluster
-from multicloud.cluster.process import wait_for_signal, write_ready_file
 from multicloud.cluster.registry import NodeRegistry
-from multicloud.cluster.remote import connect_cluster
 from multicloud.config import PipelineConfig, load_config
 from multicloud.errors import MulticloudError
-from multicloud.monitoring.dashboard import (
-    DashboardView,
-    run_with_dashboard,
-    should_use_dashboard,
-    watch_status,
-)
-from multicloud.monitoring.logger import DEFAULT_LOG_FILE, PipelineLogger
-from multicloud.monitoring.prometheus import MetricsServer, fetch_status
 from multicloud.pipeline.orchestrator import PipelineOrchestrator
 from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.render import node_table, print_summary, run_with_progress
@@ -41,6 +30,7 @@ from multicloud.types import PipelineResult
 from multicloud.units import format_bytes, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_LOG_FILE = "logs/pipeline.log"  # as multicloud.monitoring.logger
 DEFAULT_DATA_DIR = ".multicloud"
 
 
@@ -203,6 +193,8 @@ async def _open(args: argparse.Namespace,
 
     read_only: the command only reads, so the embedded cluster's membership is not changed.
     """
+    from multicloud.cluster.remote import connect_cluster
+
     config = load_config(args.config_dir)
     if getattr(args, "cluster", None):
         token = resolve_token(args.token_file, args.data_dir)
@@ -233,6 +225,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_registry(args: argparse.Namespace) -> int:
     """multicloud registry: serve membership and failure detection until stopped."""
+    from multicloud.cluster.process import wait_for_signal, write_ready_file
     from multicloud.cluster.registry_server import RegistryServer
 
     config = load_config(args.config_dir)
@@ -254,6 +247,7 @@ async def cmd_registry(args: argparse.Namespace) -> int:
 async def cmd_node(args: argparse.Namespace) -> int:
     """multicloud node: serve chunks and processing until stopped (SIGTERM drains)."""
     from multicloud.cluster.node_server import NodeServer
+    from multicloud.cluster.process import wait_for_signal, write_ready_file
 
     config = load_config(args.config_dir)
     if not args.cloud:
@@ -295,6 +289,11 @@ async def cmd_gen_data(args: argparse.Namespace) -> int:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """multicloud run --source DIR."""
+    from multicloud.cluster.process import write_ready_file
+    from multicloud.monitoring.dashboard import run_with_dashboard, should_use_dashboard
+    from multicloud.monitoring.logger import PipelineLogger
+    from multicloud.monitoring.prometheus import MetricsServer
+
     config, registry = await _open(args)
     orchestrator = PipelineOrchestrator(registry, config=config)
     batch_config: dict[str, Any] = {"data_source": args.source,
@@ -382,6 +381,10 @@ def _parse_nodes(text: str) -> dict[str, int]:
 
 async def cmd_status(args: argparse.Namespace) -> int:
     """multicloud status [--watch]: the cluster's nodes and the running batch, if any."""
+    from multicloud.cluster.launcher import read_state
+    from multicloud.monitoring.dashboard import DashboardView, should_use_dashboard, watch_status
+    from multicloud.monitoring.prometheus import fetch_status
+
     state = read_state(args.data_dir)
     if not args.cluster and state is not None:
         args.cluster = state["registry"]
@@ -471,6 +474,8 @@ async def cmd_batches(args: argparse.Namespace) -> int:
 
 async def cmd_cluster_up(args: argparse.Namespace) -> int:
     """multicloud cluster up."""
+    from multicloud.cluster.launcher import cluster_up
+
     config = load_config(args.config_dir)
     console = Console(stderr=True)
     with console.status("starting the registry and nodes ..."):
@@ -489,6 +494,8 @@ async def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 async def cmd_cluster_down(args: argparse.Namespace) -> int:
     """multicloud cluster down."""
+    from multicloud.cluster.launcher import cluster_down
+
     stopped = await asyncio.to_thread(cluster_down, args.data_dir)
     print(f"stopped {len(stopped)} processes: {', '.join(stopped)}")
     return EXIT_OK
@@ -496,6 +503,8 @@ async def cmd_cluster_down(args: argparse.Namespace) -> int:
 
 async def cmd_cluster_status(args: argparse.Namespace) -> int:
     """multicloud cluster status (embedded, --cluster URL, or what `cluster up` started)."""
+    from multicloud.cluster.launcher import read_state
+
     state = read_state(args.data_dir)
     if not args.cluster and state is not None:
         args.cluster = state["registry"]

@@ -13,16 +13,18 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
+if TYPE_CHECKING:  # aiohttp loads only where a server runs: the CLI starts faster
+    from aiohttp import web
+    from aiohttp.typedefs import Middleware
 
 from multicloud.errors import ConfigError
 
 TOKEN_ENV = "MULTICLOUD_TOKEN"
 TOKEN_FILE = "token"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
 def generate_token(data_dir: str | Path) -> str:
@@ -70,6 +72,8 @@ def resolve_token(token_file: str | Path | None = None, data_dir: str | Path | N
 
 def auth_middleware(token: str) -> Middleware:
     """aiohttp middleware answering 401 unless the request carries `Bearer <token>`."""
+    from aiohttp import web
+
     expected = f"Bearer {token}".encode()
 
     @web.middleware

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import orjson
 import simdjson
 import xxhash
@@ -475,6 +474,8 @@ def _check_jsonl(chunk: Chunk, data: bytes) -> None:
 
 def _check_plain_csv(chunk: Chunk, data: bytes) -> None:
     """Field counts of unquoted CSV, counted with numpy: a field per comma, plus one."""
+    import numpy as np  # only CSV needs it; keeps the CLI's start-up short
+
     if not data:
         return
     buf = np.frombuffer(data, dtype=np.uint8)
