@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from multicloud import DataIngestionEngine, IngestionConfig, NodeRegistry, SourceError
-from multicloud.pipeline.ingestion import file_digest
+from multicloud import (
+    DataIngestionEngine,
+    IngestionConfig,
+    NodeRegistry,
+    PipelineConfig,
+    PipelineOrchestrator,
+    SourceError,
+)
+from multicloud.pipeline.ingestion import ByteBudget, file_digest
 from multicloud.pipeline.sources import infer_source_cloud
 
 MIB = 1024 * 1024
@@ -159,3 +168,38 @@ def test_resolve_prefers_an_explicit_source_cloud(node_registry: NodeRegistry) -
                            "source_cloud": "gcp"}) == ("./test_data/aws_s3_simulation", "gcp")
     assert engine.resolve("/data/plain") == ("/data/plain", "aws")  # the cluster default
     assert DataIngestionEngine(None, SMALL, default_cloud="gcp").resolve("/x") == ("/x", "gcp")
+
+
+async def test_byte_budget_bounds_bytes_and_wakes_waiters() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(60)
+    await budget.acquire(40)
+    assert budget.used == 100
+    assert budget.would_block(1)
+
+    waiter = asyncio.create_task(budget.acquire(30))
+    await asyncio.sleep(0)  # let it reach the wait
+    assert not waiter.done()
+    await budget.release(60)
+    await asyncio.wait_for(waiter, 1)
+    assert budget.used == 70
+
+    await budget.release(70)
+    await budget.acquire(500)  # larger than the limit: allowed when nothing else is in flight
+    assert budget.would_block(1)
+    await budget.release(500)
+    assert budget.used == 0
+
+
+async def test_one_chunk_in_flight_still_completes(node_registry: NodeRegistry,
+                                                   config: PipelineConfig,
+                                                   make_dataset: Callable[..., Path]) -> None:
+    one = config.replace(ingestion={"max_inflight_chunks": 1})
+    orchestrator = PipelineOrchestrator(node_registry, config=one)
+    try:
+        result = await orchestrator.run_pipeline(
+            {"batch_id": "one-in-flight", "data_source": str(make_dataset(size=512 * 1024))})
+    finally:
+        await orchestrator.close()
+    assert result.status == "success", result.error
+    assert result.chunks_processed > 1

@@ -83,6 +83,32 @@ def _csv_columns(data: bytes | memoryview) -> int | None:
     return len(row)
 
 
+class ByteBudget:
+    """Bounds the bytes of the chunks in flight (not their number), so small files overlap
+    more while the memory bound, max_inflight_chunks full chunks, stays the same."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    def would_block(self, nbytes: int) -> bool:
+        """Whether acquiring nbytes now would wait."""
+        return self.used > 0 and self.used + nbytes > self.limit
+
+    async def acquire(self, nbytes: int) -> None:
+        """Take nbytes of the budget (a chunk larger than the limit waits to be alone)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self.would_block(nbytes))
+            self.used += nbytes
+
+    async def release(self, nbytes: int) -> None:
+        """Give nbytes back."""
+        async with self._changed:
+            self.used -= nbytes
+            self._changed.notify_all()
+
+
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """One chunk-sized read of a source file (length 0 stands for an empty file)."""
@@ -146,12 +172,13 @@ class DataIngestionEngine:
 
     async def iter_chunks(
         self, files: list[SourceFile], source_cloud: str,
-        inflight: asyncio.Semaphore | None = None,
+        inflight: ByteBudget | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Yield every chunk of files in order, raw bytes attached as `chunk.data`.
 
         Up to `read_ahead` chunks are read and hashed at once (on worker threads, so
-        SHA-256 runs on several cores). A slot of `inflight` is taken before each read and
+        SHA-256 runs on several cores). The chunk's size is taken from `inflight` before each
+        read and
         released by the consumer once the chunk is done with: that bounds memory.
         """
         size = self.config.chunk_size_bytes
@@ -164,10 +191,10 @@ class DataIngestionEngine:
                     self._file_done(piece.file, state)
                     continue
                 # Never block on a slot while holding chunks the consumer has not seen.
-                while inflight is not None and inflight.locked() and window:
+                while inflight is not None and inflight.would_block(piece.length) and window:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
                 if inflight is not None:
-                    await inflight.acquire()
+                    await inflight.acquire(piece.length)
                 window.append((piece, asyncio.create_task(self._read(piece))))
                 if len(window) >= self.config.read_ahead:
                     yield await self._complete(*window.popleft(), source_cloud, progress)

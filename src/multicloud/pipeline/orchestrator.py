@@ -1,9 +1,9 @@
 """The orchestrator: runs a batch through the four stages, overlapped, and reports on it.
 
-Chunks stream: ingestion reads a chunk only when fewer than `max_inflight_chunks` are
-between read and commit, and each chunk then flows through processing, distribution and
-storage on its own task, so memory depends on chunk size and queue depth, not on the
-dataset. After the last chunk commits, background replica writes are drained and repair
+Chunks stream: ingestion reads a chunk only while the chunks between read and commit add
+up to less than `max_inflight_chunks` full chunks (a byte budget, so many small files
+overlap more), and each chunk then flows through processing, distribution and storage on
+its own task, so memory depends on chunk size and queue depth, not on the dataset. After the last chunk commits, background replica writes are drained and repair
 brings every chunk back to the replication factor.
 """
 
@@ -28,7 +28,7 @@ from multicloud.errors import (
 from multicloud.monitoring.events import EventBus, EventSink, PipelineEvent
 from multicloud.monitoring.metrics import PipelineMetrics
 from multicloud.pipeline.distribution import DistributionCoordinator, SourceLost
-from multicloud.pipeline.ingestion import DataIngestionEngine
+from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
 from multicloud.pipeline.processing import ProcessingWorkerPool
 from multicloud.pipeline.restore import BatchRestorer
 from multicloud.pipeline.sources import SourceFile, list_source
@@ -262,7 +262,8 @@ class PipelineOrchestrator:
                 f"lower min_clouds")
 
     async def _stream(self, files: list[SourceFile], cloud: str, force: bool) -> None:
-        inflight = asyncio.Semaphore(self.config.ingestion.max_inflight_chunks)
+        ingestion = self.config.ingestion
+        inflight = ByteBudget(ingestion.max_inflight_chunks * ingestion.chunk_size_bytes)
         chunks = self.ingestion_engine.iter_chunks(files, cloud, inflight)
         async with asyncio.TaskGroup() as group, aclosing(chunks):
             async for chunk in chunks:
@@ -272,7 +273,7 @@ class PipelineOrchestrator:
             self.current_stage = Stage.PROCESSING.value
         self._stage_complete(Stage.PROCESSING)
 
-    async def _chunk_flow(self, chunk: Chunk, force: bool, inflight: asyncio.Semaphore) -> None:
+    async def _chunk_flow(self, chunk: Chunk, force: bool, inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage."""
         try:
             lost: set[str] = set()
@@ -299,7 +300,7 @@ class PipelineOrchestrator:
             raise QuorumNotReached(f"chunk {chunk.index} of {chunk.file}: its processing node "
                                    f"failed {len(lost)} time(s); giving up")
         finally:
-            inflight.release()
+            await inflight.release(chunk.size_bytes)
 
     async def _finish(self, batch_id: str, ledger_before: dict[str, Any]) -> PipelineResult:
         self.current_stage = Stage.DISTRIBUTION.value
