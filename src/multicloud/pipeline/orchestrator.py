@@ -3,8 +3,10 @@
 Chunks stream: ingestion reads a chunk only while the chunks between read and commit add
 up to less than `max_inflight_chunks` full chunks (a byte budget, so many small files
 overlap more), and each chunk then flows through processing, distribution and storage on
-its own task, so memory depends on chunk size and queue depth, not on the dataset. After the last chunk commits, background replica writes are drained and repair
-brings every chunk back to the replication factor.
+its own task, so memory depends on chunk size and queue depth, not on the dataset.
+After the last chunk commits, background replica writes are drained and repair brings
+every chunk back to the replication factor (a node that fails mid-run starts a repair of
+what it held at once).
 """
 
 from __future__ import annotations
