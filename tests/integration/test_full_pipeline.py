@@ -408,3 +408,28 @@ async def test_cancelled_run_leaves_the_orchestrator_usable(
     assert orchestrator.storage_manager.manifest.batch("cancelled").status == "failed"
     again = await orchestrator.run_pipeline(batch)
     assert again.status == "success", again.error
+
+
+async def test_a_new_run_knows_what_nodes_already_hold(
+        setup_test_cluster: NodeRegistry, config: PipelineConfig,
+        make_dataset: Callable[..., Path]) -> None:
+    """Placement's room check sees the data earlier runs (or processes) stored."""
+    first = PipelineOrchestrator(setup_test_cluster, config=config)
+    try:
+        done = await first.run_pipeline({"batch_id": "earlier",
+                                         "data_source": str(make_dataset("earlier"))})
+        assert done.status == "success", done.error
+        held = first.storage_manager.manifest.node_usage()
+    finally:
+        await first.close()
+    for node in setup_test_cluster.nodes.values():
+        node.used_bytes = 0  # as in a new process
+    second = PipelineOrchestrator(setup_test_cluster, config=config)
+    try:
+        result = await second.run_pipeline({"batch_id": "later", "data_source": str(
+            make_dataset("later", size=64 * 1024, seed=9))})
+    finally:
+        await second.close()
+    assert result.status == "success", result.error
+    for node_id, (_, nbytes) in held.items():
+        assert setup_test_cluster.nodes[node_id].used_bytes >= nbytes

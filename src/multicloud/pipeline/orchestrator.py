@@ -181,6 +181,7 @@ class PipelineOrchestrator:
                                     batch_id, str(source), cloud)
             begun = True
             self.storage_manager.begin(batch_id)
+            await self._load_node_usage()
             self._emit("pipeline_started",
                        f"batch {batch_id}: {len(files)} files, {self.total_bytes} bytes from "
                        f"{source} ({cloud})", source=str(source), source_cloud=cloud,
@@ -430,6 +431,12 @@ class PipelineOrchestrator:
         else:
             self._emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
                        reason=reason)
+
+    async def _load_node_usage(self) -> None:
+        """What each node already holds, so placement skips a node without room for a chunk."""
+        usage = await asyncio.to_thread(self.storage_manager.manifest.node_usage)
+        for node_id, node in self.node_registry.nodes.items():
+            node.used_bytes = usage.get(node_id, (0, 0))[1]
 
     def _start_repair(self, node_id: str) -> None:
         """Re-replicate the committed chunks the failed node held, now, not at the end."""
