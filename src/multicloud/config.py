@@ -116,7 +116,6 @@ class StorageConfig(_Strict):
     """Durability and repair."""
 
     fsync: bool = Field(True, description="fsync objects before acknowledging")
-    verify_on_commit: bool = Field(True, description="check each replica before commit")
     repair: bool = Field(True, description="re-replicate to replication_factor at the end")
 
 

@@ -18,7 +18,6 @@ from multicloud import (
     PipelineConfig,
     PipelineOrchestrator,
     PipelineResult,
-    create_local_cluster,
 )
 from multicloud.cluster.auth import auth_header
 from multicloud.cluster.node_server import NodeServer
@@ -63,10 +62,9 @@ def by_label(samples: Families, family: str, label: str, sample: str | None = No
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NodeRegistry]:
-    registry = create_local_cluster(tmp_path / "c", {"aws": 3, "gcp": 3})
-    yield registry
-    await registry.close()
+def cluster(setup_test_cluster: NodeRegistry) -> NodeRegistry:
+    """The shared embedded test cluster (tests/conftest.py)."""
+    return setup_test_cluster
 
 
 @pytest.fixture

@@ -130,22 +130,6 @@ def cluster_down(data_dir: str | Path, grace_s: float = 20.0) -> list[str]:
     return [p.name for p in processes]
 
 
-async def cluster_status(data_dir: str | Path, token: str,
-                         registry_url: str | None = None) -> dict[str, Any]:
-    """The registry's view of the nodes, with the pids `cluster up` recorded."""
-    state = read_state(data_dir) or {}
-    url = registry_url or state.get("registry")
-    if not url:
-        raise ClusterError(f"no cluster is up with data dir {data_dir}: start one with "
-                           f"`multicloud cluster up`, or pass --cluster URL")
-    pids = {p["name"]: p["pid"] for p in state.get("processes", [])}
-    views = await fetch_nodes(url, token)
-    nodes = [{**v, "pid": pids.get(v["id"]),
-              "process": ("running" if v["id"] in pids and alive(pids[v["id"]]) else
-                          "gone" if v["id"] in pids else "external")} for v in views]
-    return {"registry": url, "nodes": nodes}
-
-
 def _spawn(data: Path, config_dir: str | Path, name: str, args: list[str]) -> ManagedProcess:
     log = data / "run" / f"{name}.log"
     with log.open("ab") as sink:

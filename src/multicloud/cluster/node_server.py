@@ -275,7 +275,7 @@ class NodeServer:
         target = body["target"]
         service = self._service()
         if target["id"] == self.node_id:
-            ack = await service.persist_staged(chunk_id)
+            ack = await service.persist_staged(chunk_id, body["blob_checksum"])
             return web.json_response(ack_to_json(ack))
         blob = await service.blob_for_push(chunk_id)
         await self.links.transfer(link_from_json(body["link"]), len(blob))

@@ -94,13 +94,17 @@ class NodeService:
             return staged
         return await self.read(chunk_id)
 
-    async def persist_staged(self, chunk_id: str) -> ReplicaAck:
-        """Store this node's own staged blob (the processing node is one of the targets)."""
+    async def persist_staged(self, chunk_id: str, checksum: str | None = None) -> ReplicaAck:
+        """Store this node's own staged blob (the processing node is one of the targets).
+
+        `checksum` is the one processing computed (BlobInfo.blob_checksum); the blob never
+        left this node's memory, so it is not hashed again when given.
+        """
         blob = self._staged.get(chunk_id)
         if blob is None:
             raise ChunkNotFound(f"chunk {chunk_id} is not staged on {self.node_id}")
         started = time.perf_counter()
-        checksum = blob_checksum(blob)  # cheap; the blob never left this node
+        checksum = checksum or blob_checksum(blob)
         await self._run(self._io, self.store.put, chunk_id, blob)
         return ReplicaAck(self.node_id, chunk_id, checksum, len(blob),
                           time.perf_counter() - started)

@@ -137,7 +137,7 @@ class SimulatedTransport(Transport):
         target = self._reach(dst, src.cloud)
         if src.id == dst.id:
             await self._before_write(dst)
-            ack = await source.persist_staged(blob.chunk_id)
+            ack = await source.persist_staged(blob.chunk_id, blob.blob_checksum)
         else:
             data = await source.blob_for_push(blob.chunk_id)
             await self._move(self.topology.link(src.location, dst.location), len(data))

@@ -20,6 +20,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from multicloud.cluster.topology import TrafficLedger
 from multicloud.config import PipelineConfig, load_config
 from multicloud.errors import (
     InsufficientNodes,
@@ -333,8 +334,8 @@ class PipelineOrchestrator:
         self.metrics.record_stage(Stage.DISTRIBUTION,
                                   self.metrics.stages["distribution"].succeeded)
         self.metrics.record_stage(Stage.STORAGE, self.metrics.stages["storage"].succeeded)
-        traffic = type(self.node_registry.transport.ledger).difference(
-            self.node_registry.transport.ledger.snapshot(), ledger_before)
+        traffic = TrafficLedger.difference(self.node_registry.transport.ledger.snapshot(),
+                                           ledger_before)
         duration = time.perf_counter() - (self._started or time.perf_counter())
         dist = self.distribution_coordinator
         summary = self.metrics.get_summary()

@@ -263,11 +263,6 @@ class StorageManager:
                 by_cloud[cloud]["chunk_count"] += 1
         return dict(sorted(by_cloud.items())), dict(sorted(by_node.items()))
 
-    async def cloud_usage(self, chunk_ids: Iterable[str] | None = None) -> dict[str, Any]:
-        """Per cloud: chunks with a replica there, replica count, and bytes held."""
-        by_cloud, _ = await self.usage_by_place(chunk_ids)
-        return by_cloud
-
     async def under_replicated(self, chunk_ids: Iterable[str] | None = None) -> int:
         """Chunks with fewer than replication_factor replicas on healthy nodes."""
         await self.flush()
