@@ -32,12 +32,12 @@ from multicloud import (
     ProcessingWorkerPool,
     create_local_cluster,
 )
+from multicloud.core.units import format_bytes, parse_size
 from multicloud.datagen import generate_dataset
-from multicloud.monitoring.metrics import PipelineMetrics, percentile
-from multicloud.units import format_bytes, parse_size
+from multicloud.pipeline.metrics import PipelineMetrics, percentile
 
 MIB = 1024 * 1024
-CLI = [sys.executable, "-m", "multicloud.cli"]
+CLI = [sys.executable, "-m", "multicloud.ui.cli"]
 
 
 def drop_caches() -> None:
@@ -157,9 +157,9 @@ async def observed_run(source: Path, data_dir: Path, observe: bool) -> float:
     from rich.console import Console
 
     from multicloud import PipelineOrchestrator
-    from multicloud.monitoring.dashboard import run_with_dashboard
-    from multicloud.monitoring.logger import PipelineLogger
-    from multicloud.monitoring.prometheus import MetricsServer
+    from multicloud.ui.dashboard import run_with_dashboard
+    from multicloud.ui.logger import PipelineLogger
+    from multicloud.ui.prometheus import MetricsServer
 
     shutil.rmtree(data_dir, ignore_errors=True)
     registry = create_local_cluster(data_dir, {"aws": 3, "gcp": 3})

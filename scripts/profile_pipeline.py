@@ -16,13 +16,13 @@ import asyncio
 import sys
 from pathlib import Path
 
-from multicloud.config import load_config
+from multicloud.core.config import load_config
+from multicloud.core.errors import MulticloudError
+from multicloud.core.types import PipelineResult
+from multicloud.core.units import parse_size
 from multicloud.datagen import generate_dataset
-from multicloud.errors import MulticloudError
-from multicloud.monitoring.profile_rules import RunCallback
-from multicloud.monitoring.profile_runs import compare_configs, run_profile
-from multicloud.types import PipelineResult
-from multicloud.units import parse_size
+from multicloud.ui.profile_rules import RunCallback
+from multicloud.ui.profile_runs import compare_configs, run_profile
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

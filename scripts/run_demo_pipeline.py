@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from multicloud.cli import main
+from multicloud.ui.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["demo", *sys.argv[1:]]))

@@ -7,11 +7,10 @@ cluster of nodes in several clouds, and can be restored byte-exact and verified 
 from __future__ import annotations
 
 from multicloud.cluster.local import create_local_cluster
-from multicloud.cluster.registry import NodeRegistry, WorkerNode
-from multicloud.cluster.simulated import SimulatedTransport
-from multicloud.cluster.topology import Location, NetworkTopology
-from multicloud.cluster.transport import Transport
-from multicloud.config import (
+from multicloud.comm.simulated import SimulatedTransport
+from multicloud.comm.transport import Transport
+from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.core.config import (
     ClusterConfig,
     DistributionConfig,
     IngestionConfig,
@@ -20,7 +19,7 @@ from multicloud.config import (
     StorageConfig,
     load_config,
 )
-from multicloud.errors import (
+from multicloud.core.errors import (
     ClusterError,
     ConfigError,
     InsufficientNodes,
@@ -33,15 +32,8 @@ from multicloud.errors import (
     UnknownBatch,
     ValidationFailed,
 )
-from multicloud.monitoring.metrics import PipelineMetrics
-from multicloud.monitoring.profiler import PerformanceProfiler
-from multicloud.pipeline.distribution import DistributionCoordinator
-from multicloud.pipeline.ingestion import DataIngestionEngine
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.pipeline.placement import NetworkAwarePlacement
-from multicloud.pipeline.processing import ProcessingWorkerPool
-from multicloud.pipeline.storage import StorageManager
-from multicloud.types import (
+from multicloud.core.network import Location, NetworkTopology
+from multicloud.core.types import (
     Chunk,
     DistributedChunk,
     NodeStatus,
@@ -52,6 +44,14 @@ from multicloud.types import (
     StoredChunk,
     VerifyReport,
 )
+from multicloud.pipeline.distribution import DistributionCoordinator
+from multicloud.pipeline.ingestion import DataIngestionEngine
+from multicloud.pipeline.metrics import PipelineMetrics
+from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.processing import ProcessingWorkerPool
+from multicloud.pipeline.storage import StorageManager
+from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.profiler import PerformanceProfiler
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from multicloud.config import NodeSpec, PipelineConfig, load_config
+from multicloud.core.config import NodeSpec, PipelineConfig, load_config
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ class ProcessCluster:
         env = {k: v for k, v in os.environ.items() if k != "MULTICLOUD_TOKEN"}
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [sys.executable, "-m", "multicloud.cli", *args,
+                [sys.executable, "-m", "multicloud.ui.cli", *args,
                  "--data-dir", str(self.data_dir), "--config-dir", str(self.config_dir)],
                 stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env)

@@ -1,7 +1,7 @@
 """The `multicloud` command line end to end: every command's happy path, and bad input
 rendered as one `error:` line with exit code 2 and nothing half-written.
 
-Commands run in-process through `multicloud.cli.main` (so coverage sees them); one test
+Commands run in-process through `multicloud.ui.cli.main` (so coverage sees them); one test
 runs the real entry point in a subprocess.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from multicloud.cli import main
+from multicloud.ui.cli import main
 
 CHUNK = 64 * 1024  # chunk_size_mb 0.0625, as the config dir below sets
 DATASET_BYTES = 2 * 1024 * 1024
@@ -265,7 +265,7 @@ def test_batches_lists_runs_newest_first(cli: Cli, source: Path, ran: str) -> No
 
 def test_the_console_entry_point_runs_as_a_process(cli: Cli, source: Path) -> None:
     def multicloud(*args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "multicloud.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "multicloud.ui.cli", *map(str, args)],
                               capture_output=True, text=True, cwd=cli.root, timeout=120,
                               check=False)
 

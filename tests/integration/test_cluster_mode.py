@@ -35,12 +35,12 @@ from cluster_fixtures import (
 )
 
 from multicloud import NodeRegistry, PipelineOrchestrator
-from multicloud.cli import main
+from multicloud.blob.transforms import TransformChain, blob_checksum
 from multicloud.cluster.remote import connect_cluster
-from multicloud.cluster.wire import CHECKSUM_HEADER
-from multicloud.config import ProcessingConfig
-from multicloud.pipeline.transforms import TransformChain, blob_checksum
-from multicloud.types import Chunk, NodeStatus
+from multicloud.comm.wire import CHECKSUM_HEADER
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.types import Chunk, NodeStatus
+from multicloud.ui.cli import main
 
 pytestmark = pytest.mark.timeout(300)
 

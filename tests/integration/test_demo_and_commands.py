@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from multicloud.cli import main
-from multicloud.demo import DemoOptions, run_demo
-from multicloud.units import parse_size
+from multicloud.core.units import parse_size
+from multicloud.ui.cli import main
+from multicloud.ui.demo import DemoOptions, run_demo
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from multicloud import (
     RestoreReport,
     SimulatedTransport,
 )
-from multicloud.cluster.node_service import NodeService
-from multicloud.types import Stage
+from multicloud.core.types import Stage
+from multicloud.node.service import NodeService
 
 STAGES = [s.value for s in Stage]
 ENCRYPT = {"transforms": ["validate", "compress", "encrypt"]}

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from multicloud import MulticloudError, PipelineOrchestrator, load_config
-from multicloud.config import file_name
+from multicloud.core.config import file_name
 from multicloud.datagen import generate_dataset
-from multicloud.monitoring.profile_runs import compare_configs, run_profile
-from multicloud.monitoring.profiler import PerformanceProfiler
+from multicloud.ui.profile_runs import compare_configs, run_profile
+from multicloud.ui.profiler import PerformanceProfiler
 
 MIB = 1024 * 1024
 CHUNK_MB = 0.0625  # the suite's 64 KiB chunks (tests/conftest.py)

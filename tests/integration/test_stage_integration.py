@@ -17,8 +17,8 @@ from multicloud import (
     SimulatedTransport,
     StorageManager,
 )
-from multicloud.cluster.node_service import NodeService
-from multicloud.pipeline.transforms import decode_blob
+from multicloud.blob.transforms import decode_blob
+from multicloud.node.service import NodeService
 
 
 def services(registry: NodeRegistry) -> dict[str, NodeService]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from multicloud import NodeRegistry
-from multicloud.config import IngestionConfig
+from multicloud.core.config import IngestionConfig
 from multicloud.pipeline.ingestion import DataIngestionEngine
 from multicloud.pipeline.processing import ProcessingWorkerPool
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from multicloud.cluster.chunk_store import ChunkStore, check_chunk_id
-from multicloud.errors import ChunkNotFound, InvalidChunkId, StorageError
+from multicloud.core.errors import ChunkNotFound, InvalidChunkId, StorageError
+from multicloud.node.store import ChunkStore, check_chunk_id
 
 
 def cid(data: bytes) -> str:

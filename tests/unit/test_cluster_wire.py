@@ -29,8 +29,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from multicloud import PipelineOrchestrator
-from multicloud.cluster import node_server, wire
-from multicloud.cluster.auth import (
+from multicloud.blob.transforms import blob_checksum, decode_blob
+from multicloud.cluster import node_server
+from multicloud.cluster.node_server import NodeServer
+from multicloud.cluster.remote import MembershipWatcher, connect_cluster, fetch_nodes
+from multicloud.comm import wire
+from multicloud.comm.http_transport import HttpTransport
+from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.control.registry_server import RegistryServer
+from multicloud.core.auth import (
     TOKEN_ENV,
     auth_header,
     auth_middleware,
@@ -38,15 +45,14 @@ from multicloud.cluster.auth import (
     read_token_file,
     resolve_token,
 )
-from multicloud.cluster.http_transport import HttpTransport
-from multicloud.cluster.node_server import NodeServer
-from multicloud.cluster.process import ready_file, wait_for_signal, write_ready_file
-from multicloud.cluster.registry import NodeRegistry, WorkerNode
-from multicloud.cluster.registry_server import RegistryServer
-from multicloud.cluster.remote import MembershipWatcher, connect_cluster, fetch_nodes
-from multicloud.cluster.topology import Location, NetworkTopology
-from multicloud.config import ClusterConfig, NodeSpec, ProcessingConfig, ServiceConfig, load_config
-from multicloud.errors import (
+from multicloud.core.config import (
+    ClusterConfig,
+    NodeSpec,
+    ProcessingConfig,
+    ServiceConfig,
+    load_config,
+)
+from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
     ConfigError,
@@ -56,8 +62,9 @@ from multicloud.errors import (
     StorageError,
     ValidationFailed,
 )
-from multicloud.pipeline.transforms import blob_checksum, decode_blob
-from multicloud.types import BlobInfo, Chunk, NodeStatus, ReplicaAck
+from multicloud.core.network import Location, NetworkTopology
+from multicloud.core.runfiles import ready_file, wait_for_signal, write_ready_file
+from multicloud.core.types import BlobInfo, Chunk, NodeStatus, ReplicaAck
 
 TOKEN = "unit-token"
 MIB = 1024 * 1024

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from multicloud.config import (
+from multicloud.core.config import (
     ClusterConfig,
     DistributionConfig,
     IngestionConfig,
@@ -22,7 +22,7 @@ from multicloud.config import (
     file_name,
     load_config,
 )
-from multicloud.errors import ConfigError
+from multicloud.core.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
 SECTIONS: dict[str, type[BaseModel]] = {

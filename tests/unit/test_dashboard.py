@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console, RenderableType
 
 from multicloud import PipelineConfig, PipelineOrchestrator, create_local_cluster
-from multicloud.monitoring.dashboard import (
+from multicloud.ui.dashboard import (
     DashboardView,
     StatusDashboard,
     run_with_dashboard,
@@ -245,7 +245,7 @@ async def test_a_dashboard_bug_does_not_stop_the_run(
     console = Console(force_terminal=True, record=True, width=100, file=io.StringIO())
     source = make_dataset(size=256 * 1024, seed=6)
 
-    with caplog.at_level(logging.ERROR, logger="multicloud.monitoring.dashboard"):
+    with caplog.at_level(logging.ERROR, logger="multicloud.ui.dashboard"):
         result = await run_with_dashboard(orchestrator, {"data_source": str(source)}, console,
                                           dashboard=BrokenDashboard())
 

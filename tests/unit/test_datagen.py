@@ -10,8 +10,8 @@ import orjson
 import pytest
 import zstandard
 
+from multicloud.core.errors import ConfigError, SourceError
 from multicloud.datagen import DatasetSummary, generate_dataset
-from multicloud.errors import ConfigError, SourceError
 
 KIB = 1024
 MIB = 1024 * 1024

@@ -20,9 +20,9 @@ from multicloud import (
     SimulatedTransport,
     create_local_cluster,
 )
-from multicloud.monitoring.events import EVENT_KINDS, PipelineEvent
-from multicloud.monitoring.logger import COMMON_FIELDS, LOG_EVENTS, PipelineLogger
-from multicloud.monitoring.metrics import STAGES
+from multicloud.pipeline.events import EVENT_KINDS, PipelineEvent
+from multicloud.pipeline.metrics import STAGES
+from multicloud.ui.logger import COMMON_FIELDS, LOG_EVENTS, PipelineLogger
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from multicloud.errors import StorageError, UnknownBatch
+from multicloud.core.errors import StorageError, UnknownBatch
+from multicloud.core.types import BlobInfo, Chunk, FileEntry
 from multicloud.pipeline.manifest import SCHEMA_VERSION, BatchRecord, ChunkRecord, Manifest
-from multicloud.types import BlobInfo, Chunk, FileEntry
 
 
 def cid(data: bytes) -> str:

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from multicloud import ConfigError, PipelineConfig, PipelineResult, load_config
-from multicloud.config import default_yaml, file_name
-from multicloud.monitoring.profile_rules import Recommendation
-from multicloud.monitoring.profile_runs import Comparison, ConfigStats, apply_recommendations
-from multicloud.monitoring.profiler import PerformanceProfiler
+from multicloud.core.config import default_yaml, file_name
+from multicloud.ui.profile_rules import Recommendation
+from multicloud.ui.profile_runs import Comparison, ConfigStats, apply_recommendations
+from multicloud.ui.profiler import PerformanceProfiler
 
 MB = 1_000_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -320,7 +320,7 @@ def test_charts_without_runs_still_render(tmp_path: Path) -> None:
 
 
 def test_importing_the_profiler_does_not_import_matplotlib() -> None:
-    code = ("import sys, multicloud.monitoring.profiler; "
+    code = ("import sys, multicloud.ui.profiler; "
             "sys.exit('matplotlib' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

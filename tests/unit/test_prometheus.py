@@ -19,13 +19,13 @@ from multicloud import (
     PipelineOrchestrator,
     PipelineResult,
 )
-from multicloud.cluster.auth import auth_header
 from multicloud.cluster.node_server import NodeServer
-from multicloud.cluster.registry_server import RegistryServer
-from multicloud.config import ServiceConfig
-from multicloud.errors import ConfigError
-from multicloud.monitoring.metrics import STAGES, PipelineMetrics
-from multicloud.monitoring.prometheus import (
+from multicloud.control.registry_server import RegistryServer
+from multicloud.core.auth import auth_header
+from multicloud.core.config import ServiceConfig
+from multicloud.core.errors import ConfigError
+from multicloud.pipeline.metrics import STAGES, PipelineMetrics
+from multicloud.ui.prometheus import (
     LATENCY_BUCKETS,
     MetricsServer,
     histogram_buckets,

@@ -23,14 +23,14 @@ from multicloud import (
     WorkerNode,
     create_local_cluster,
 )
-from multicloud.cluster.chunk_store import ChunkStore
+from multicloud.blob.transforms import blob_checksum
 from multicloud.cluster.local import MEMBERSHIP_FILE
-from multicloud.cluster.node_service import NodeService
-from multicloud.cluster.topology import Location
-from multicloud.config import ProcessingConfig
-from multicloud.errors import ChunkNotFound, ConfigError, InvalidChunkId
-from multicloud.pipeline.transforms import blob_checksum
-from multicloud.types import BlobInfo, Chunk
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import ChunkNotFound, ConfigError, InvalidChunkId
+from multicloud.core.network import Location
+from multicloud.core.types import BlobInfo, Chunk
+from multicloud.node.service import NodeService
+from multicloud.node.store import ChunkStore
 
 MIB = 1024 * 1024
 DATA = b'{"event": "click", "user": 42}\n' * 200

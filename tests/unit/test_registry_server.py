@@ -17,15 +17,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from multicloud.cluster.auth import auth_header
-from multicloud.cluster.registry_server import (
+from multicloud.control.registry_server import (
     REGISTRY_FILE,
     RegistryServer,
     RegistryState,
     serve_registry,
 )
-from multicloud.config import ServiceConfig
-from multicloud.errors import ClusterError, ConfigError
+from multicloud.core.auth import auth_header
+from multicloud.core.config import ServiceConfig
+from multicloud.core.errors import ClusterError, ConfigError
 
 TOKEN = "t0k"
 TIMEOUT_S = 3.0
@@ -64,7 +64,7 @@ def logged(text: str) -> Iterator[asyncio.Event]:
             if text in record.getMessage():
                 event.set()
 
-    logger = logging.getLogger("multicloud.cluster.registry_server")
+    logger = logging.getLogger("multicloud.control.registry_server")
     watch, level = Watch(), logger.level
     logger.addHandler(watch)
     logger.setLevel(logging.INFO)
@@ -346,7 +346,7 @@ def test_detector_logs_each_transition(tmp_path: Path, clock: FakeClock,
     state = RegistryState(tmp_path, SERVICE, clock)
     state.register(node("aws"))
     clock.advance(TIMEOUT_S + 1.25)
-    with caplog.at_level(logging.INFO, logger="multicloud.cluster.registry_server"):
+    with caplog.at_level(logging.INFO, logger="multicloud.control.registry_server"):
         state.sweep()
         state.sweep()
         state.heartbeat("aws-node-1", {})

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from multicloud.config import TimeoutConfig
+from multicloud.core.config import TimeoutConfig
 from multicloud.pipeline.timeouts import MIB, AdaptiveTimeouts
 
 LINK = "aws/us-east-1->gcp/us-central1"

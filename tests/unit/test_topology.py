@@ -6,13 +6,13 @@ import threading
 
 import pytest
 
-from multicloud.cluster.topology import (
+from multicloud.core.config import ClusterConfig, LinkOverride
+from multicloud.core.network import (
     GB,
     Location,
     NetworkTopology,
     TrafficLedger,
 )
-from multicloud.config import ClusterConfig, LinkOverride
 
 EAST = Location("aws", "us-east-1")
 WEST = Location("aws", "us-west-2")

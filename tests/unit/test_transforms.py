@@ -14,9 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multicloud.config import EncryptionConfig, ProcessingConfig
-from multicloud.errors import ConfigError, IntegrityError, ValidationFailed
-from multicloud.pipeline.transforms import (
+from multicloud.blob.transforms import (
     MAGIC,
     TransformChain,
     blob_checksum,
@@ -25,7 +23,9 @@ from multicloud.pipeline.transforms import (
     inspect_blob,
     load_key,
 )
-from multicloud.types import Chunk
+from multicloud.core.config import EncryptionConfig, ProcessingConfig
+from multicloud.core.errors import ConfigError, IntegrityError, ValidationFailed
+from multicloud.core.types import Chunk
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

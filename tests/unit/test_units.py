@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from multicloud.errors import ConfigError
-from multicloud.units import format_bytes, parse_size
+from multicloud.core.errors import ConfigError
+from multicloud.core.units import format_bytes, parse_size
 
 KIB = 1024
 MIB = 1024**2

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from multicloud.cluster.auth import generate_token
-from multicloud.cluster.process import ready_file
 from multicloud.cluster.remote import fetch_nodes
-from multicloud.config import PipelineConfig
-from multicloud.errors import ClusterError
+from multicloud.core.auth import generate_token
+from multicloud.core.config import PipelineConfig
+from multicloud.core.errors import ClusterError
+from multicloud.core.runfiles import ready_file
 
 STATE_FILE = "cluster.json"
 _POLL_S = 0.05  # how often to look again while waiting for a condition
@@ -134,7 +134,7 @@ def _spawn(data: Path, config_dir: str | Path, name: str, args: list[str]) -> Ma
     log = data / "run" / f"{name}.log"
     with log.open("ab") as sink:
         child = subprocess.Popen(
-            [sys.executable, "-m", "multicloud.cli", *args, "--data-dir", str(data),
+            [sys.executable, "-m", "multicloud.ui.cli", *args, "--data-dir", str(data),
              "--config-dir", str(config_dir)],
             stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)

@@ -11,13 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from multicloud.cluster.chunk_store import ChunkStore
-from multicloud.cluster.node_service import NodeService
-from multicloud.cluster.registry import NodeRegistry, WorkerNode
-from multicloud.cluster.simulated import SimulatedTransport
-from multicloud.cluster.topology import NetworkTopology
-from multicloud.config import ClusterConfig, NodeSpec, StorageConfig
-from multicloud.errors import ConfigError
+from multicloud.comm.simulated import SimulatedTransport
+from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.core.config import ClusterConfig, NodeSpec, StorageConfig
+from multicloud.core.errors import ConfigError
+from multicloud.core.network import NetworkTopology
+from multicloud.node.service import NodeService
+from multicloud.node.store import ChunkStore
 
 MEMBERSHIP_FILE = "cluster.json"
 

@@ -23,11 +23,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from multicloud.cluster.auth import auth_header, auth_middleware
-from multicloud.cluster.chunk_store import ChunkStore, check_chunk_id
-from multicloud.cluster.node_service import NodeService
-from multicloud.cluster.topology import LinkEmulator
-from multicloud.cluster.wire import (
+from multicloud.comm.wire import (
     API,
     CHECKSUM_HEADER,
     CHUNK_HEADER,
@@ -39,9 +35,13 @@ from multicloud.cluster.wire import (
     link_from_json,
     raise_for_error,
 )
-from multicloud.config import ProcessingConfig, ServiceConfig
-from multicloud.errors import ClusterError, MulticloudError, NodeUnavailable
-from multicloud.monitoring.prometheus import CallbackCollector, metrics_response
+from multicloud.core.auth import auth_header, auth_middleware
+from multicloud.core.config import ProcessingConfig, ServiceConfig
+from multicloud.core.errors import ClusterError, MulticloudError, NodeUnavailable
+from multicloud.core.network import LinkEmulator
+from multicloud.node.service import NodeService
+from multicloud.node.store import ChunkStore, check_chunk_id
+from multicloud.ui.prometheus import CallbackCollector, metrics_response
 
 log = logging.getLogger(__name__)
 

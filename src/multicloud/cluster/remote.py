@@ -18,14 +18,14 @@ from typing import Any
 
 import aiohttp
 
-from multicloud.cluster.auth import auth_header
-from multicloud.cluster.http_transport import HttpTransport
-from multicloud.cluster.registry import GIB, NodeRegistry, WorkerNode
-from multicloud.cluster.topology import NetworkTopology
-from multicloud.cluster.wire import API
-from multicloud.config import ClusterConfig, NodeSpec
-from multicloud.errors import ClusterError
-from multicloud.types import NodeStatus
+from multicloud.comm.http_transport import HttpTransport
+from multicloud.comm.wire import API
+from multicloud.control.registry import GIB, NodeRegistry, WorkerNode
+from multicloud.core.auth import auth_header
+from multicloud.core.config import ClusterConfig, NodeSpec
+from multicloud.core.errors import ClusterError
+from multicloud.core.network import NetworkTopology
+from multicloud.core.types import NodeStatus
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from multicloud.core.errors import ConfigError, SourceError
 from multicloud.datagen.records import I64, LogLines, LogPool, OrderLines, OrderPool
-from multicloud.errors import ConfigError, SourceError
 
 __all__ = ["DatasetSummary", "generate_dataset"]
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from multicloud.config import DistributionConfig
-from multicloud.errors import (
+from multicloud.core.config import DistributionConfig
+from multicloud.core.errors import (
     ClusterError,
     IntegrityError,
     NodeUnavailable,
@@ -26,20 +26,20 @@ from multicloud.errors import (
     StorageError,
     TransferTimeout,
 )
-from multicloud.monitoring.events import Emit, no_events
-from multicloud.monitoring.metrics import PipelineMetrics
-from multicloud.pipeline.placement import NetworkAwarePlacement
-from multicloud.pipeline.timeouts import AdaptiveTimeouts
-from multicloud.types import (
+from multicloud.core.types import (
     BlobInfo,
     DistributedChunk,
     NodeStatus,
     ProcessedChunk,
     ReplicaAck,
 )
+from multicloud.pipeline.events import Emit, no_events
+from multicloud.pipeline.metrics import PipelineMetrics
+from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.timeouts import AdaptiveTimeouts
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry, WorkerNode
+    from multicloud.control.registry import NodeRegistry, WorkerNode
 
 log = logging.getLogger(__name__)
 

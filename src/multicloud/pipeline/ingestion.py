@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from multicloud.config import IngestionConfig
-from multicloud.errors import SourceError
-from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.core.config import IngestionConfig
+from multicloud.core.errors import SourceError
+from multicloud.core.types import Chunk, FileEntry
+from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.sources import SourceFile, infer_source_cloud, list_source
-from multicloud.types import Chunk, FileEntry
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry
+    from multicloud.control.registry import NodeRegistry
 
 
 def file_digest(chunk_ids: list[str]) -> str:

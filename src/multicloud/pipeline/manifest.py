@@ -20,8 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from multicloud.errors import StorageError, UnknownBatch
-from multicloud.types import BlobInfo, Chunk, FileEntry
+from multicloud.core.errors import StorageError, UnknownBatch
+from multicloud.core.types import BlobInfo, Chunk, FileEntry
 
 __all__ = ["SCHEMA_VERSION", "BatchRecord", "ChunkRecord", "Manifest"]
 

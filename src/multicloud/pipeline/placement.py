@@ -15,10 +15,10 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from multicloud.cluster.registry import NodeRegistry, WorkerNode
-from multicloud.cluster.topology import NetworkTopology
-from multicloud.config import DistributionConfig
-from multicloud.errors import ClusterError, InsufficientNodes
+from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.core.config import DistributionConfig
+from multicloud.core.errors import ClusterError, InsufficientNodes
+from multicloud.core.network import NetworkTopology
 
 _TWO_64 = float(2**64)
 

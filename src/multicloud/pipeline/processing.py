@@ -14,9 +14,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from multicloud.cluster.topology import Location
-from multicloud.config import ProcessingConfig
-from multicloud.errors import (
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import (
     ClusterError,
     InsufficientNodes,
     MulticloudError,
@@ -24,14 +23,15 @@ from multicloud.errors import (
     StorageError,
     ValidationFailed,
 )
-from multicloud.monitoring.events import Emit, no_events
-from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.core.network import Location
+from multicloud.core.types import Chunk, ProcessedChunk
+from multicloud.pipeline.events import Emit, no_events
 from multicloud.pipeline.ingestion import read_chunk_bytes
+from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import rank_nodes
-from multicloud.types import Chunk, ProcessedChunk
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry, WorkerNode
+    from multicloud.control.registry import NodeRegistry, WorkerNode
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multicloud.cluster.topology import Location
-from multicloud.errors import (
+from multicloud.blob.transforms import decode_blob
+from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
     ConfigError,
@@ -26,13 +26,13 @@ from multicloud.errors import (
     RestoreError,
     StorageError,
 )
+from multicloud.core.network import Location
+from multicloud.core.types import FileEntry, ReplicaProblem, RestoreReport, VerifyReport
 from multicloud.pipeline.ingestion import file_digest
 from multicloud.pipeline.manifest import ChunkRecord, Manifest
-from multicloud.pipeline.transforms import decode_blob
-from multicloud.types import FileEntry, ReplicaProblem, RestoreReport, VerifyReport
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry
+    from multicloud.control.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
 

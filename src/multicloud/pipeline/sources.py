@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from multicloud.errors import SourceError
+from multicloud.core.errors import SourceError
 
 _CLOUD_WORDS = {"aws": "aws", "s3": "aws", "gcp": "gcp", "gcs": "gcp", "gs": "gcp",
                 "google": "gcp", "azure": "azure", "blob": "azure"}

@@ -18,22 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multicloud.config import DistributionConfig, StorageConfig
-from multicloud.errors import (
+from multicloud.core.config import DistributionConfig, StorageConfig
+from multicloud.core.errors import (
     ClusterError,
     InsufficientNodes,
     IntegrityError,
     StorageError,
     TransferTimeout,
 )
-from multicloud.monitoring.metrics import PipelineMetrics
+from multicloud.core.types import BlobInfo, Chunk, DistributedChunk, ReplicaAck, StoredChunk
 from multicloud.pipeline.manifest import Manifest
+from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
-from multicloud.types import BlobInfo, Chunk, DistributedChunk, ReplicaAck, StoredChunk
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry
+    from multicloud.control.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
 

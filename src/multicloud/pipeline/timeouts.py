@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from multicloud.config import TimeoutConfig
+from multicloud.core.config import TimeoutConfig
 
 MIB = 1024 * 1024
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # aiohttp loads only where a server runs: the CLI starts fast
     from aiohttp import web
     from aiohttp.typedefs import Middleware
 
-from multicloud.errors import ConfigError
+from multicloud.core.errors import ConfigError
 
 TOKEN_ENV = "MULTICLOUD_TOKEN"
 TOKEN_FILE = "token"

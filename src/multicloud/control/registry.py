@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multicloud.cluster.topology import Location, NetworkTopology
-from multicloud.config import ClusterConfig, NodeSpec
-from multicloud.errors import ClusterError, MulticloudError
-from multicloud.types import NodeStatus
+from multicloud.core.config import ClusterConfig, NodeSpec
+from multicloud.core.errors import ClusterError, MulticloudError
+from multicloud.core.network import Location, NetworkTopology
+from multicloud.core.types import NodeStatus
 
 if TYPE_CHECKING:
-    from multicloud.cluster.transport import Transport
+    from multicloud.comm.transport import Transport
 
 log = logging.getLogger(__name__)
 

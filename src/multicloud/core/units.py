@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from multicloud.errors import ConfigError
+from multicloud.core.errors import ConfigError
 
 __all__ = ["format_bytes", "parse_size"]
 

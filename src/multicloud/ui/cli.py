@@ -18,19 +18,19 @@ from typing import Any
 
 from rich.console import Console
 
-from multicloud.cluster.auth import TOKEN_ENV, resolve_token
 from multicloud.cluster.local import create_local_cluster
-from multicloud.cluster.registry import NodeRegistry
-from multicloud.config import PipelineConfig, load_config
-from multicloud.errors import MulticloudError
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
+from multicloud.control.registry import NodeRegistry
+from multicloud.core.auth import TOKEN_ENV, resolve_token
+from multicloud.core.config import PipelineConfig, load_config
+from multicloud.core.errors import MulticloudError
+from multicloud.core.types import PipelineResult
+from multicloud.core.units import format_bytes, parse_size
 from multicloud.pipeline.storage import MANIFEST_FILE
-from multicloud.render import node_table, print_summary, run_with_progress
-from multicloud.types import PipelineResult
-from multicloud.units import format_bytes, parse_size
+from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.render import node_table, print_summary, run_with_progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DEFAULT_LOG_FILE = "logs/pipeline.log"  # as multicloud.monitoring.logger
+DEFAULT_LOG_FILE = "logs/pipeline.log"  # as multicloud.ui.logger
 DEFAULT_DATA_DIR = ".multicloud"
 
 
@@ -214,7 +214,7 @@ def _require_manifest(args: argparse.Namespace) -> None:
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     """multicloud demo."""
-    from multicloud.demo import DemoOptions, run_demo
+    from multicloud.ui.demo import DemoOptions, run_demo
 
     options = DemoOptions(workdir=args.workdir, config_dir=args.config_dir,
                           size=parse_size(args.size), cluster_mode=args.cluster_mode,
@@ -225,8 +225,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_registry(args: argparse.Namespace) -> int:
     """multicloud registry: serve membership and failure detection until stopped."""
-    from multicloud.cluster.process import wait_for_signal, write_ready_file
-    from multicloud.cluster.registry_server import RegistryServer
+    from multicloud.control.registry_server import RegistryServer
+    from multicloud.core.runfiles import wait_for_signal, write_ready_file
 
     config = load_config(args.config_dir)
     service = config.cluster.service
@@ -247,7 +247,7 @@ async def cmd_registry(args: argparse.Namespace) -> int:
 async def cmd_node(args: argparse.Namespace) -> int:
     """multicloud node: serve chunks and processing until stopped (SIGTERM drains)."""
     from multicloud.cluster.node_server import NodeServer
-    from multicloud.cluster.process import wait_for_signal, write_ready_file
+    from multicloud.core.runfiles import wait_for_signal, write_ready_file
 
     config = load_config(args.config_dir)
     if not args.cloud:
@@ -289,10 +289,10 @@ async def cmd_gen_data(args: argparse.Namespace) -> int:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """multicloud run --source DIR."""
-    from multicloud.cluster.process import write_ready_file
-    from multicloud.monitoring.dashboard import run_with_dashboard, should_use_dashboard
-    from multicloud.monitoring.logger import PipelineLogger
-    from multicloud.monitoring.prometheus import MetricsServer
+    from multicloud.core.runfiles import write_ready_file
+    from multicloud.ui.dashboard import run_with_dashboard, should_use_dashboard
+    from multicloud.ui.logger import PipelineLogger
+    from multicloud.ui.prometheus import MetricsServer
 
     config, registry = await _open(args)
     orchestrator = PipelineOrchestrator(registry, config=config)
@@ -338,7 +338,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 async def cmd_profile(args: argparse.Namespace) -> int:
     """multicloud profile --source DIR [--runs N] [--apply DIR] [--compare OLD NEW]."""
-    from multicloud.monitoring.profile_runs import compare_configs, run_profile
+    from multicloud.ui.profile_runs import compare_configs, run_profile
 
     nodes = _parse_nodes(args.nodes) if args.nodes else None
     console = Console(stderr=True)
@@ -382,8 +382,8 @@ def _parse_nodes(text: str) -> dict[str, int]:
 async def cmd_status(args: argparse.Namespace) -> int:
     """multicloud status [--watch]: the cluster's nodes and the running batch, if any."""
     from multicloud.cluster.launcher import read_state
-    from multicloud.monitoring.dashboard import DashboardView, should_use_dashboard, watch_status
-    from multicloud.monitoring.prometheus import fetch_status
+    from multicloud.ui.dashboard import DashboardView, should_use_dashboard, watch_status
+    from multicloud.ui.prometheus import fetch_status
 
     state = read_state(args.data_dir)
     if not args.cluster and state is not None:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from multicloud.types import Stage
+from multicloud.core.types import Stage
 
 STAGES = [s.value for s in Stage]
 

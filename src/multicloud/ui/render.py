@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.types import PipelineResult
-from multicloud.units import format_bytes
+from multicloud.core.types import PipelineResult
+from multicloud.core.units import format_bytes
+from multicloud.run.orchestrator import PipelineOrchestrator
 
 
 async def run_with_progress(orchestrator: PipelineOrchestrator,

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal, ParamSpec, TypeVar
 
-from multicloud.cluster.chunk_store import ChunkStore, check_chunk_id
-from multicloud.config import ProcessingConfig
-from multicloud.errors import ChunkNotFound, IntegrityError
-from multicloud.pipeline.transforms import TransformChain, blob_checksum, check_blob
-from multicloud.types import BlobInfo, Chunk, ReplicaAck
+from multicloud.blob.transforms import TransformChain, blob_checksum, check_blob
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import ChunkNotFound, IntegrityError
+from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
+from multicloud.node.store import ChunkStore, check_chunk_id
 
 log = logging.getLogger(__name__)
 

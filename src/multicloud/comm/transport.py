@@ -10,12 +10,12 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Literal
 
-from multicloud.cluster.topology import Location, TrafficLedger
-from multicloud.config import ProcessingConfig
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.network import Location, TrafficLedger
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import WorkerNode
-    from multicloud.types import BlobInfo, Chunk, ReplicaAck
+    from multicloud.control.registry import WorkerNode
+    from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 ReplicaState = Literal["ok", "missing", "corrupt"]
 

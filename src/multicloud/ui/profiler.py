@@ -20,9 +20,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from multicloud.config import PipelineConfig, file_name, load_config
-from multicloud.monitoring.metrics import STAGES
-from multicloud.monitoring.profile_rules import (
+from multicloud.core.config import PipelineConfig, file_name, load_config
+from multicloud.core.types import PipelineResult
+from multicloud.pipeline.metrics import STAGES
+from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.profile_rules import (
     BOTTLENECK_SHARE,
     MB,
     RULES,
@@ -34,8 +36,6 @@ from multicloud.monitoring.profile_rules import (
     merge_recommendations,
     show_value,
 )
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.types import PipelineResult
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from rich.live import Live
 from rich.segment import Segment
 from rich.style import Style
 
-from multicloud.units import format_bytes
+from multicloud.core.units import format_bytes
 
 if TYPE_CHECKING:
-    from multicloud.monitoring.events import PipelineEvent
-    from multicloud.pipeline.orchestrator import PipelineOrchestrator
-    from multicloud.types import PipelineResult
+    from multicloud.core.types import PipelineResult
+    from multicloud.pipeline.events import PipelineEvent
+    from multicloud.run.orchestrator import PipelineOrchestrator
 
 __all__ = [
     "DashboardView",

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from multicloud.config import PipelineConfig
-from multicloud.types import PipelineResult
+from multicloud.core.config import PipelineConfig
+from multicloud.core.types import PipelineResult
 
 if TYPE_CHECKING:
-    from multicloud.monitoring.profiler import PerformanceProfiler
+    from multicloud.ui.profiler import PerformanceProfiler
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from multicloud.cluster.auth import auth_header
-from multicloud.cluster.topology import LinkEmulator, Location, NetworkTopology, TrafficLedger
-from multicloud.cluster.transport import ReplicaState, Transport
-from multicloud.cluster.wire import (
+from multicloud.comm.transport import ReplicaState, Transport
+from multicloud.comm.wire import (
     API,
     CHUNK_HEADER,
     ack_from_json,
@@ -25,12 +23,14 @@ from multicloud.cluster.wire import (
     link_to_json,
     raise_for_error,
 )
-from multicloud.config import ProcessingConfig
-from multicloud.errors import NodeUnavailable
+from multicloud.core.auth import auth_header
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import NodeUnavailable
+from multicloud.core.network import LinkEmulator, Location, NetworkTopology, TrafficLedger
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry, WorkerNode
-    from multicloud.types import BlobInfo, Chunk, ReplicaAck
+    from multicloud.control.registry import NodeRegistry, WorkerNode
+    from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, ConnectionError, TimeoutError)
 _PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data

@@ -14,22 +14,22 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from multicloud.cluster.node_service import NodeService
-from multicloud.cluster.topology import (
+from multicloud.comm.transport import ReplicaState, Transport
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import NodeUnavailable
+from multicloud.core.network import (
     Link,
     LinkEmulator,
     Location,
     NetworkTopology,
     TrafficLedger,
 )
-from multicloud.cluster.transport import ReplicaState, Transport
-from multicloud.config import ProcessingConfig
-from multicloud.errors import NodeUnavailable
-from multicloud.types import NodeStatus
+from multicloud.core.types import NodeStatus
+from multicloud.node.service import NodeService
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry, WorkerNode
-    from multicloud.types import BlobInfo, Chunk, ReplicaAck
+    from multicloud.control.registry import NodeRegistry, WorkerNode
+    from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 
 @dataclass

@@ -8,7 +8,7 @@ Every line has `ts` (ISO 8601, UTC), `level` ("info", "warning" or "error"), `ev
 `batch_id` (null outside a run) and `detail` (one human-readable line), followed by the
 event's own fields at the top level (a field whose name clashes with one of these five
 gets a trailing underscore, e.g. `event_`). The event catalogue and each event's fields
-are in `multicloud.monitoring.events` (and `LOG_EVENTS` below); `stage_complete` carries
+are in `multicloud.pipeline.events` (and `LOG_EVENTS` below); `stage_complete` carries
 the stage's `PipelineMetrics` summary.
 
 An example line::
@@ -31,10 +31,10 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from multicloud.monitoring.events import PipelineEvent
+from multicloud.pipeline.events import PipelineEvent
 
 if TYPE_CHECKING:
-    from multicloud.pipeline.orchestrator import PipelineOrchestrator
+    from multicloud.run.orchestrator import PipelineOrchestrator
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from multicloud.config import ClusterConfig, LinkProfile
+from multicloud.core.config import ClusterConfig, LinkProfile
 
 LinkKind = Literal["same_region", "cross_region", "cross_cloud"]
 GB = 1_000_000_000  # providers price egress per decimal GB

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from multicloud.errors import ChunkNotFound, InvalidChunkId, StorageError
+from multicloud.core.errors import ChunkNotFound, InvalidChunkId, StorageError
 
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
 

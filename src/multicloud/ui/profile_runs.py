@@ -18,20 +18,20 @@ from typing import Any
 import yaml
 
 from multicloud.cluster.local import create_local_cluster
-from multicloud.config import PipelineConfig, default_yaml, file_name, load_config
-from multicloud.errors import ConfigError, ProfileError
-from multicloud.monitoring.metrics import STAGES
-from multicloud.monitoring.profile_rules import (
+from multicloud.core.config import PipelineConfig, default_yaml, file_name, load_config
+from multicloud.core.errors import ConfigError, ProfileError
+from multicloud.core.types import PipelineResult
+from multicloud.pipeline.metrics import STAGES
+from multicloud.pipeline.sources import infer_source_cloud
+from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.profile_rules import (
     SECTIONS,
     ConfigValue,
     Recommendation,
     RunCallback,
     show_value,
 )
-from multicloud.monitoring.profiler import PerformanceProfiler
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.pipeline.sources import infer_source_cloud
-from multicloud.types import PipelineResult
+from multicloud.ui.profiler import PerformanceProfiler
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from multicloud.config import EncryptionConfig, ProcessingConfig
-from multicloud.errors import ConfigError, IntegrityError, InvalidChunkId, ValidationFailed
-from multicloud.types import BlobInfo, Chunk
+from multicloud.core.config import EncryptionConfig, ProcessingConfig
+from multicloud.core.errors import ConfigError, IntegrityError, InvalidChunkId, ValidationFailed
+from multicloud.core.types import BlobInfo, Chunk
 
 __all__ = [
     "MAGIC",

@@ -20,24 +20,16 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multicloud.cluster.topology import TrafficLedger
-from multicloud.config import PipelineConfig, load_config
-from multicloud.errors import (
+from multicloud.blob.transforms import load_key
+from multicloud.core.config import PipelineConfig, load_config
+from multicloud.core.errors import (
     InsufficientNodes,
     MulticloudError,
     QuorumNotReached,
     ValidationFailed,
 )
-from multicloud.monitoring.events import EventBus, EventSink, PipelineEvent
-from multicloud.monitoring.metrics import PipelineMetrics
-from multicloud.pipeline.distribution import DistributionCoordinator, SourceLost
-from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
-from multicloud.pipeline.processing import ProcessingWorkerPool
-from multicloud.pipeline.restore import BatchRestorer
-from multicloud.pipeline.sources import SourceFile, list_source
-from multicloud.pipeline.storage import StorageManager
-from multicloud.pipeline.transforms import load_key
-from multicloud.types import (
+from multicloud.core.network import TrafficLedger
+from multicloud.core.types import (
     Chunk,
     NodeStatus,
     PipelineResult,
@@ -46,9 +38,17 @@ from multicloud.types import (
     Stage,
     VerifyReport,
 )
+from multicloud.pipeline.distribution import DistributionCoordinator, SourceLost
+from multicloud.pipeline.events import EventBus, EventSink, PipelineEvent
+from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
+from multicloud.pipeline.metrics import PipelineMetrics
+from multicloud.pipeline.processing import ProcessingWorkerPool
+from multicloud.pipeline.restore import BatchRestorer
+from multicloud.pipeline.sources import SourceFile, list_source
+from multicloud.pipeline.storage import StorageManager
 
 if TYPE_CHECKING:
-    from multicloud.cluster.registry import NodeRegistry, WorkerNode
+    from multicloud.control.registry import NodeRegistry, WorkerNode
 
 log = logging.getLogger(__name__)
 

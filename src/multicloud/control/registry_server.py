@@ -28,10 +28,10 @@ from typing import Any
 
 from aiohttp import web
 
-from multicloud.cluster.auth import auth_middleware
-from multicloud.config import ServiceConfig
-from multicloud.errors import ClusterError, ConfigError
-from multicloud.types import NodeStatus
+from multicloud.core.auth import auth_middleware
+from multicloud.core.config import ServiceConfig
+from multicloud.core.errors import ClusterError, ConfigError
+from multicloud.core.types import NodeStatus
 
 log = logging.getLogger(__name__)
 

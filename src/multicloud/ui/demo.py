@@ -23,18 +23,18 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from multicloud.cluster.auth import resolve_token
 from multicloud.cluster.launcher import cluster_down, cluster_up
 from multicloud.cluster.local import create_local_cluster
-from multicloud.cluster.registry import NodeRegistry, WorkerNode
 from multicloud.cluster.remote import connect_cluster
-from multicloud.config import PipelineConfig, load_config
+from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.core.auth import resolve_token
+from multicloud.core.config import PipelineConfig, load_config
+from multicloud.core.errors import MulticloudError
+from multicloud.core.types import NodeStatus, PipelineResult
+from multicloud.core.units import format_bytes
 from multicloud.datagen import generate_dataset
-from multicloud.errors import MulticloudError
-from multicloud.pipeline.orchestrator import PipelineOrchestrator
-from multicloud.render import node_table, print_summary, run_with_progress
-from multicloud.types import NodeStatus, PipelineResult
-from multicloud.units import format_bytes
+from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.render import node_table, print_summary, run_with_progress
 
 FAIL_AT_PERCENT = 40.0
 

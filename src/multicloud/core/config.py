@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from multicloud.errors import ConfigError
+from multicloud.core.errors import ConfigError
 
 MIB = 1024 * 1024
 

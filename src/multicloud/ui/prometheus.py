@@ -51,12 +51,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from multicloud.cluster.auth import auth_header, auth_middleware
-from multicloud.cluster.process import ready_file
-from multicloud.errors import ConfigError
+from multicloud.core.auth import auth_header, auth_middleware
+from multicloud.core.errors import ConfigError
+from multicloud.core.runfiles import ready_file
 
 if TYPE_CHECKING:
-    from multicloud.pipeline.orchestrator import PipelineOrchestrator
+    from multicloud.run.orchestrator import PipelineOrchestrator
 
 log = logging.getLogger(__name__)
 

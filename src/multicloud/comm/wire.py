@@ -1,7 +1,7 @@
 """What travels between the orchestrator, nodes and the registry in cluster mode.
 
 Plain JSON shapes for chunk metadata, blob info, acks and links, and the error bodies that
-servers send and clients turn back into the exceptions of `multicloud.errors`.
+servers send and clients turn back into the exceptions of `multicloud.core.errors`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import dataclasses
 import json
 from typing import Any
 
-from multicloud.cluster.topology import Link, Location
-from multicloud.errors import (
+from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
     IntegrityError,
@@ -22,7 +21,8 @@ from multicloud.errors import (
     StorageError,
     ValidationFailed,
 )
-from multicloud.types import BlobInfo, Chunk, ReplicaAck
+from multicloud.core.network import Link, Location
+from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 CHUNK_HEADER = "X-Multicloud-Chunk"
 CHECKSUM_HEADER = "X-Multicloud-Checksum"

@@ -1,1 +1,0 @@
-"""Metrics, profiling, dashboard and logs: how a run is watched and understood."""
