@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from multicloud import (
-    NodeRegistry,
+    Cluster,
     PipelineConfig,
     PipelineOrchestrator,
     create_local_cluster,
@@ -34,7 +34,7 @@ def config() -> PipelineConfig:
 
 
 @pytest.fixture
-async def setup_test_cluster(tmp_path: Path) -> AsyncIterator[NodeRegistry]:
+async def setup_test_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """An embedded cluster of 3 AWS and 3 GCP nodes under tmp_path (the request's name)."""
     registry = create_local_cluster(tmp_path / "cluster", {"aws": 3, "gcp": 3})
     yield registry
@@ -42,13 +42,13 @@ async def setup_test_cluster(tmp_path: Path) -> AsyncIterator[NodeRegistry]:
 
 
 @pytest.fixture
-def node_registry(setup_test_cluster: NodeRegistry) -> NodeRegistry:
+def node_registry(setup_test_cluster: Cluster) -> Cluster:
     """Alias of setup_test_cluster."""
     return setup_test_cluster
 
 
 @pytest.fixture
-async def orchestrator(setup_test_cluster: NodeRegistry,
+async def orchestrator(setup_test_cluster: Cluster,
                        config: PipelineConfig) -> AsyncIterator[PipelineOrchestrator]:
     """An orchestrator with 64 KiB chunks on the test cluster."""
     orch = PipelineOrchestrator(setup_test_cluster, config=config)

@@ -7,8 +7,11 @@ cluster of nodes in several clouds, and can be restored byte-exact and verified 
 from __future__ import annotations
 
 from multicloud.cluster.local import create_local_cluster
-from multicloud.comm.simulated import SimulatedTransport
-from multicloud.comm.transport import Transport
+from multicloud.comm.client import NodeClient
+from multicloud.comm.cluster import Cluster
+from multicloud.comm.faults import Faults
+from multicloud.comm.http import HttpComm
+from multicloud.comm.local import LocalComm
 from multicloud.control.registry import NodeRegistry, WorkerNode
 from multicloud.core.config import (
     ClusterConfig,
@@ -22,6 +25,7 @@ from multicloud.core.config import (
 from multicloud.core.errors import (
     ClusterError,
     ConfigError,
+    DiskFull,
     InsufficientNodes,
     IntegrityError,
     MulticloudError,
@@ -57,20 +61,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chunk",
+    "Cluster",
     "ClusterConfig",
     "ClusterError",
     "ConfigError",
     "DataIngestionEngine",
+    "DiskFull",
     "DistributedChunk",
     "DistributionConfig",
     "DistributionCoordinator",
+    "Faults",
+    "HttpComm",
     "IngestionConfig",
     "InsufficientNodes",
     "IntegrityError",
+    "LocalComm",
     "Location",
     "MulticloudError",
     "NetworkAwarePlacement",
     "NetworkTopology",
+    "NodeClient",
     "NodeRegistry",
     "NodeStatus",
     "NodeUnavailable",
@@ -85,13 +95,11 @@ __all__ = [
     "ProcessingWorkerPool",
     "RestoreError",
     "RestoreReport",
-    "SimulatedTransport",
     "SourceError",
     "StorageConfig",
     "StorageError",
     "StorageManager",
     "StoredChunk",
-    "Transport",
     "UnknownBatch",
     "ValidationFailed",
     "VerifyReport",

@@ -35,9 +35,9 @@ from cluster_fixtures import (
 )
 
 from multicloud import NodeRegistry, PipelineOrchestrator
-from multicloud.blob.transforms import TransformChain, blob_checksum
+from multicloud.blob import TransformChain, blob_checksum
 from multicloud.cluster.remote import connect_cluster
-from multicloud.comm.wire import CHECKSUM_HEADER
+from multicloud.comm.wire import META_HEADER, decode_meta, encode_meta
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.types import Chunk, NodeStatus
 from multicloud.ui.cli import main
@@ -306,7 +306,7 @@ async def test_node_restarted_with_its_data_rejoins(cluster: ProcessCluster, con
                          f"the orchestrator to see {node_id} back at {new_url}")
         assert new_url != old_url  # a new process on a new port: the URL came from the registry
         node = registry.nodes[node_id]
-        assert set(mine) <= set(await registry.transport.inventory(node))
+        assert set(mine) <= set(await registry.client.inventory(node))
         assert all(cluster.object_path(node_id, c).is_file() for c in mine)
 
         report = await orch.verify_batch("rejoin")
@@ -352,49 +352,59 @@ async def test_nodes_and_registry_refuse_bad_requests(cluster: ProcessCluster) -
     def stored(chunk_id: str) -> bool:
         return cluster.object_path(node_id, chunk_id).exists()
 
+    def meta(**fields: object) -> dict[str, str]:
+        return {META_HEADER: encode_meta(fields)}
+
     async with aiohttp.ClientSession() as http:
         chunk_id, blob = _blob(secrets.token_bytes(4096))
-        url = f"{base}/v1/chunks/{chunk_id}"
-        good = {CHECKSUM_HEADER: blob_checksum(blob)}
+        put = f"{base}/v1/put"
+        good = meta(chunk_id=chunk_id, checksum=blob_checksum(blob))
 
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": cluster.token}):
-            async with http.put(url, data=blob, headers={**good, **headers}) as resp:
+            async with http.post(put, data=blob, headers={**good, **headers}) as resp:
                 assert resp.status == 401, await resp.text()
                 assert resp.headers["WWW-Authenticate"] == "Bearer"
             assert not stored(chunk_id)
-        for method, path in (("GET", f"/v1/chunks/{chunk_id}"), ("GET", "/v1/chunks"),
-                             ("GET", "/v1/health"), ("POST", "/v1/replicate"),
-                             ("DELETE", f"/v1/chunks/{chunk_id}"), ("GET", "/metrics")):
-            async with http.request(method, f"{base}{path}") as resp:
-                assert resp.status == 401, (method, path)
+        for op in ("get", "inventory", "health", "push", "delete", "fault"):
+            async with http.post(f"{base}/v1/{op}", headers=meta(chunk_id=chunk_id)) as resp:
+                assert resp.status == 401, op
+        async with http.get(f"{base}/metrics") as resp:
+            assert resp.status == 401
 
-        wrong = {CHECKSUM_HEADER: "0" * 32, **auth}
-        async with http.put(url, data=blob, headers=wrong) as resp:
+        wrong = {**meta(chunk_id=chunk_id, checksum="0" * 32), **auth}
+        async with http.post(put, data=blob, headers=wrong) as resp:
             assert resp.status == 422
             body = await resp.json()
             assert body["error"] == "integrity"
-            assert body["node_id"] == node_id
+            assert node_id in body["message"]
         # Damaged bytes sent with their own checksum are refused by the envelope check.
         damaged = blob[:-1] + bytes([blob[-1] ^ 1])
-        async with http.put(url, data=damaged,
-                            headers={CHECKSUM_HEADER: blob_checksum(damaged), **auth}) as resp:
+        async with http.post(put, data=damaged, headers={
+                **meta(chunk_id=chunk_id, checksum=blob_checksum(damaged)), **auth}) as resp:
             assert resp.status == 422
-        async with http.put(url, data=blob, headers=auth) as resp:  # no checksum at all
+        async with http.post(put, data=blob, headers={**meta(chunk_id=chunk_id), **auth}) as resp:
+            assert resp.status == 400  # no checksum at all
+        async with http.post(put, data=blob, headers={META_HEADER: "{not json", **auth}) as resp:
             assert resp.status == 400
+        # Fault injection is off on a production node.
+        async with http.post(f"{base}/v1/fault", headers={**meta(action="crash"), **auth}) as resp:
+            assert resp.status == 400
+            assert "--allow-faults" in (await resp.json())["message"]
         assert not stored(chunk_id)
 
         for bad in ("not-hex", "A" * 64, "0" * 63, chunk_id + "0"):
-            async with http.put(f"{base}/v1/chunks/{bad}", data=blob,
-                                headers={**good, **auth}) as resp:
+            async with http.post(put, data=blob, headers={
+                    **meta(chunk_id=bad, checksum=blob_checksum(blob)), **auth}) as resp:
                 assert resp.status == 400, bad
                 assert (await resp.json())["error"] == "invalid_id"
-        async with http.get(f"{base}/v1/chunks/not-hex", headers=auth) as resp:
+        async with http.post(f"{base}/v1/get", headers={**meta(chunk_id="not-hex"),
+                                                       **auth}) as resp:
             assert resp.status == 400
 
         big_id, big = _blob(secrets.token_bytes(2 * MIB))
         assert len(big) > MAX_BODY_MB * MIB
-        async with http.put(f"{base}/v1/chunks/{big_id}", data=big,
-                            headers={CHECKSUM_HEADER: blob_checksum(big), **auth}) as resp:
+        async with http.post(put, data=big, headers={
+                **meta(chunk_id=big_id, checksum=blob_checksum(big)), **auth}) as resp:
             assert resp.status == 413
         assert not stored(big_id)
 
@@ -402,13 +412,14 @@ async def test_nodes_and_registry_refuse_bad_requests(cluster: ProcessCluster) -
         assert {p.name for p in cluster.object_files(node_id)} == before
         assert list((store / "tmp").iterdir()) == []
 
-        # The control: the same blob with the token and its checksum is stored (201).
-        async with http.put(url, data=blob, headers={**good, **auth}) as resp:
-            assert resp.status == 201
-            assert (await resp.json())["chunk_id"] == chunk_id
+        # The control: the same blob with the token and its checksum is stored.
+        async with http.post(put, data=blob, headers={**good, **auth}) as resp:
+            assert resp.status == 200
+            assert decode_meta(resp.headers[META_HEADER])["ack"]["chunk_id"] == chunk_id
         assert stored(chunk_id)
-        async with http.delete(url, headers=auth) as resp:
-            assert (await resp.json()) == {"deleted": True}
+        async with http.post(f"{base}/v1/delete", headers={**meta(chunk_id=chunk_id),
+                                                          **auth}) as resp:
+            assert decode_meta(resp.headers[META_HEADER]) == {"deleted": True}
         assert not stored(chunk_id)
 
         # The registry: 401 without the token, and an unauthenticated registration is not kept.

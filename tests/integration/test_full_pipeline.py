@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster_kinds import local_services
 from multicloud import (
     ConfigError,
     NodeRegistry,
@@ -19,10 +20,8 @@ from multicloud import (
     PipelineStatus,
     RestoreError,
     RestoreReport,
-    SimulatedTransport,
 )
 from multicloud.core.types import Stage
-from multicloud.node.service import NodeService
 
 STAGES = [s.value for s in Stage]
 ENCRYPT = {"transforms": ["validate", "compress", "encrypt"]}
@@ -30,10 +29,6 @@ ENCRYPT = {"transforms": ["validate", "compress", "encrypt"]}
 Restorer = Callable[..., Awaitable[RestoreReport]]  # the assert_restored fixture
 
 
-def services(registry: NodeRegistry) -> dict[str, NodeService]:
-    """The in-process nodes of the embedded cluster."""
-    assert isinstance(registry.transport, SimulatedTransport)
-    return registry.transport.services
 
 
 def expected_chunks(source: Path, chunk_bytes: int) -> int:
@@ -116,8 +111,7 @@ async def test_result_fields_and_live_attributes(orchestrator: PipelineOrchestra
     files = [p for p in source.rglob("*") if p.is_file()]
     seen: list[tuple[PipelineStatus, float, str | None]] = []
     orchestrator.add_progress_listener(
-        lambda orch: seen.append((orch.pipeline_status, orch.progress_percent,
-                                  orch.current_batch)))
+        lambda live: seen.append((live.status, live.progress_percent, live.batch_id)))
     assert (orchestrator.pipeline_status, orchestrator.progress_percent) == (
         PipelineStatus.IDLE, 0.0)
 
@@ -146,7 +140,8 @@ async def test_result_fields_and_live_attributes(orchestrator: PipelineOrchestra
     assert orchestrator.progress_percent == 100
     assert orchestrator.current_throughput > 0
     assert orchestrator.current_stage is None
-    assert orchestrator.eta_seconds is None
+    assert orchestrator.live.eta_seconds is None
+    assert orchestrator.estimated_completion is None
     assert orchestrator.healthy_nodes == 6
     assert orchestrator.unhealthy_nodes == 0
     breakdown = orchestrator.metrics.get_stage_breakdown()
@@ -209,7 +204,7 @@ async def test_every_chunk_has_three_replicas_spanning_two_clouds(
         assert clouds == {"aws", "gcp"}, (chunk_id, holders)
         # The manifest is not just bookkeeping: every listed node holds the object.
         for node_id in holders:
-            assert services(node_registry)[node_id].has(chunk_id)
+            assert local_services(node_registry)[node_id].has(chunk_id)
 
 
 async def test_rerun_of_a_batch_id_succeeds_on_the_same_nodes(
@@ -255,7 +250,7 @@ async def test_encrypted_run_restores_byte_exact(make_orchestrator: Callable[...
     # No stored object contains a recognisable piece of the plaintext.
     sample = next(p for p in sorted(source.rglob("*.jsonl")) if p.stat().st_size > 200)
     needle = sample.read_bytes()[:64]
-    for service in services(node_registry).values():
+    for service in local_services(node_registry).values():
         for path in service.store.root.rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes()

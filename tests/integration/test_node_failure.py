@@ -1,33 +1,49 @@
 """Failure handling: nodes fail at exact points of a run, replicas rot or vanish, clouds split.
 
-Every fault is injected at a progress event or a held write, never after a fixed sleep.
+Every fault is injected at a progress point or a held write, never after a fixed sleep,
+and every test runs twice: on the embedded cluster and on the same nodes over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from cluster_kinds import KINDS, make_cluster, temp_files
 from multicloud import (
+    Cluster,
     NodeRegistry,
     NodeStatus,
+    PipelineConfig,
     PipelineOrchestrator,
     PipelineStatus,
     RestoreError,
     RestoreReport,
-    SimulatedTransport,
 )
+from multicloud.run.live import LiveView
 
 Restorer = Callable[..., Awaitable[RestoreReport]]  # the assert_restored fixture
 
 
-def transport_of(registry: NodeRegistry) -> SimulatedTransport:
-    transport = registry.transport
-    assert isinstance(transport, SimulatedTransport)
-    return transport
+@pytest.fixture(params=KINDS)
+async def node_registry(request: pytest.FixtureRequest,
+                        tmp_path: Path) -> AsyncIterator[Cluster]:
+    """3 AWS and 3 GCP nodes, in-process or over HTTP (the test id says which)."""
+    cluster = await make_cluster(request.param, tmp_path / "cluster", {"aws": 3, "gcp": 3})
+    yield cluster
+    await cluster.close()
+
+
+@pytest.fixture
+async def orchestrator(node_registry: Cluster,
+                       config: PipelineConfig) -> AsyncIterator[PipelineOrchestrator]:
+    """An orchestrator with 64 KiB chunks on the cluster of the test's kind."""
+    orch = PipelineOrchestrator(node_registry, config=config)
+    yield orch
+    await orch.close()
 
 
 def healthy_replicas(orchestrator: PipelineOrchestrator, registry: NodeRegistry,
@@ -59,7 +75,7 @@ async def test_pipeline_continues_with_node_failure(node_registry: NodeRegistry,
     test_config = {"batch_id": "node_failure", "data_source": str(source)}
     killed_at: list[float] = []
 
-    def kill_at_half(orch: PipelineOrchestrator) -> None:
+    def kill_at_half(orch: LiveView) -> None:
         # Kill one node at exactly 50% completion (instead of sleeping and hoping).
         if not killed_at and orch.progress_percent >= 50:
             node_registry.nodes["aws-node-2"].status = "unhealthy"
@@ -95,13 +111,13 @@ async def test_node_crash_mid_run_is_detected_and_survived(node_registry: NodeRe
                                                            assert_restored: Restorer,
                                                            ) -> None:
     """A crash nobody reports: failed transfers mark the node unhealthy, the run goes on."""
-    transport = transport_of(node_registry)
+    faults = node_registry.faults
     source = make_dataset("aws_s3_simulation", size=3 * 1024 * 1024, seed=22)
     task = asyncio.create_task(orchestrator.run_pipeline({"batch_id": "crash",
                                                           "data_source": str(source)}))
     await orchestrator.wait_for_progress(50)
     assert orchestrator.pipeline_status is PipelineStatus.RUNNING
-    transport.crash("aws-node-2")
+    await faults.crash("aws-node-2")
 
     result = await task
 
@@ -112,7 +128,7 @@ async def test_node_crash_mid_run_is_detected_and_survived(node_registry: NodeRe
     assert_fully_replicated(orchestrator, node_registry, "crash", result.chunks_processed)
     await assert_restored(orchestrator, "crash", source)
 
-    transport.restart("aws-node-2")
+    await faults.restart("aws-node-2")
     assert node_registry.nodes["aws-node-2"].status == "healthy"
     verify = await orchestrator.verify_batch("crash")
     assert verify.ok, verify.problems[:3]
@@ -123,38 +139,39 @@ async def test_node_crashing_mid_write_leaves_no_partial_object(
         node_registry: NodeRegistry, orchestrator: PipelineOrchestrator,
         make_dataset: Callable[..., Path], assert_restored: Restorer,
         how: str) -> None:
-    transport = transport_of(node_registry)
-    store = transport.services["gcp-node-1"].store
+    faults = node_registry.faults
+    gcp1 = node_registry.get("gcp-node-1")
     source = make_dataset("aws_s3_simulation", size=1024 * 1024, seed=23)
     batch = {"batch_id": how, "data_source": str(source)}
     if how == "crash_during_write":
-        transport.crash_during_write("gcp-node-1")
+        await faults.crash_during_write("gcp-node-1")
         result = await orchestrator.run_pipeline(batch)
-        assert (store.root / "tmp" / "interrupted-write.partial").exists()
+        assert temp_files(node_registry, "gcp-node-1") == ["interrupted-write.partial"]
     else:
-        gate = transport.hold_writes("gcp-node-1")
+        gate = await faults.hold_writes("gcp-node-1")
         task = asyncio.create_task(orchestrator.run_pipeline(batch))
-        arrived = asyncio.create_task(gate.arrived.wait())
+        arrived = asyncio.create_task(gate.arrived())
         # Wake when a write to gcp-node-1 is in flight, held at the node (or, if the run
         # ended without one, fail instead of waiting forever).
         await asyncio.wait({arrived, task}, return_when=asyncio.FIRST_COMPLETED)
         arrived.cancel()
-        assert gate.held >= 1, "no write reached gcp-node-1"
-        transport.crash("gcp-node-1")
-        gate.release()
+        await asyncio.gather(arrived, return_exceptions=True)
+        assert await gate.held() >= 1, "no write reached gcp-node-1"
+        await faults.crash("gcp-node-1")
+        await gate.release()
         result = await task
-    assert "gcp-node-1" in transport.crashed
+    assert (await faults.state("gcp-node-1"))["crashed"]
 
     assert result.status == "success", result.error
     assert result.metrics["storage"]["under_replicated"] == 0
     await assert_restored(orchestrator, how, source)
 
-    transport.restart("gcp-node-1")
-    assert list((store.root / "tmp").iterdir()) == []  # the interrupted write is gone
+    await faults.restart("gcp-node-1")
+    assert temp_files(node_registry, "gcp-node-1") == []  # the interrupted write is gone
     # Whatever the node holds is whole: every object on it verifies.
-    service = transport.services["gcp-node-1"]
-    for chunk_id in await service.inventory():
-        assert await service.check(chunk_id) == "ok"
+    client = node_registry.client
+    for chunk_id in await client.inventory(gcp1):
+        assert await client.check(gcp1, chunk_id) == "ok"
     verify = await orchestrator.verify_batch(how)
     assert verify.ok, verify.problems[:3]
 
@@ -164,7 +181,6 @@ async def test_corrupt_replica_is_reported_and_skipped(node_registry: NodeRegist
                                                        make_dataset: Callable[..., Path],
                                                        assert_restored: Restorer,
                                                        ) -> None:
-    transport = transport_of(node_registry)
     source = make_dataset("aws_s3_simulation", size=1024 * 1024, seed=24)
     result = await orchestrator.run_pipeline({"batch_id": "rot", "data_source": str(source)})
     assert result.status == "success", result.error
@@ -175,7 +191,7 @@ async def test_corrupt_replica_is_reported_and_skipped(node_registry: NodeRegist
     rotten = sorted((chunk_id, n) for n in holders if node_registry.nodes[n].cloud == "aws")
     assert len(rotten) == 2
     for _, node_id in rotten:
-        transport.corrupt(node_id, chunk_id)
+        await node_registry.faults.corrupt(node_id, chunk_id)
 
     verify = await orchestrator.verify_batch("rot")
 
@@ -193,14 +209,13 @@ async def test_lost_replica_is_reported_missing(node_registry: NodeRegistry,
                                                 orchestrator: PipelineOrchestrator,
                                                 make_dataset: Callable[..., Path],
                                                 assert_restored: Restorer) -> None:
-    transport = transport_of(node_registry)
     source = make_dataset("aws_s3_simulation", size=1024 * 1024, seed=25)
     result = await orchestrator.run_pipeline({"batch_id": "lost", "data_source": str(source)})
     assert result.status == "success", result.error
     manifest = orchestrator.storage_manager.manifest
     chunk_id = manifest.chunk_ids("lost")[-1]
     node_id = manifest.replicas([chunk_id])[chunk_id][0]
-    assert transport.lose(node_id, chunk_id)
+    assert await node_registry.faults.lose(node_id, chunk_id)
 
     verify = await orchestrator.verify_batch("lost")
 
@@ -216,21 +231,15 @@ async def test_partition_between_clouds_mid_run_ends_coherently(
         make_dataset: Callable[..., Path], assert_restored: Restorer,
         tmp_path: Path) -> None:
     """min_clouds 2 cannot be met across a partition: fail cleanly, or finish at full RF."""
-    transport = transport_of(node_registry)
+    faults = node_registry.faults
     source = make_dataset("aws_s3_simulation", size=1024 * 1024, seed=26)
     batch = {"batch_id": "split", "data_source": str(source)}
-    cut: list[float] = []
+    task = asyncio.create_task(orchestrator.run_pipeline(batch))
+    await orchestrator.wait_for_progress(30)
+    assert orchestrator.pipeline_status is PipelineStatus.RUNNING
+    await faults.partition("aws", "gcp")
+    result = await task  # must return, not raise
 
-    def split_at_30(orch: PipelineOrchestrator) -> None:
-        if not cut and orch.progress_percent >= 30:
-            transport.partition("aws", "gcp")
-            cut.append(orch.progress_percent)
-
-    remove = orchestrator.add_progress_listener(split_at_30)
-    result = await orchestrator.run_pipeline(batch)  # must return, not raise
-    remove()
-
-    assert cut
     manifest = orchestrator.storage_manager.manifest
     assert result.status in ("success", "failed")
     assert manifest.batch("split").status == result.status
@@ -244,7 +253,7 @@ async def test_partition_between_clouds_mid_run_ends_coherently(
         await assert_restored(orchestrator, "split", source)
 
     # Once the network heals, the same batch runs through and restores exactly.
-    transport.heal()
+    await faults.heal()
     for node in node_registry.nodes.values():
         if not node.healthy:
             node.set_status(NodeStatus.HEALTHY, "partition healed")
@@ -260,7 +269,6 @@ async def test_repair_recreates_replicas_of_a_lost_node(node_registry: NodeRegis
                                                         make_dataset: Callable[..., Path],
                                                         assert_restored: Restorer,
                                                         ) -> None:
-    transport = transport_of(node_registry)
     source = make_dataset("aws_s3_simulation", size=1024 * 1024, seed=27)
     result = await orchestrator.run_pipeline({"batch_id": "heal", "data_source": str(source)})
     assert result.status == "success", result.error
@@ -270,11 +278,12 @@ async def test_repair_recreates_replicas_of_a_lost_node(node_registry: NodeRegis
     assert on_lost  # the node held part of the batch
 
     # The node is gone for good: its process and its disk.
-    transport.crash("aws-node-1")
+    await node_registry.faults.crash("aws-node-1")
     node_registry.nodes["aws-node-1"].status = "unhealthy"
     assert await storage.under_replicated(ids) == len(set(on_lost) & set(ids))
 
-    report = await storage.repair(ids)
+    report = await orchestrator.repairer.repair(ids)
+    await storage.flush()
 
     assert report.checked == len(ids)
     assert report.replicas_created == len(set(on_lost) & set(ids))
@@ -287,5 +296,5 @@ async def test_repair_recreates_replicas_of_a_lost_node(node_registry: NodeRegis
         assert "aws-node-1" not in nodes
     await assert_restored(orchestrator, "heal", source)
     # A second pass has nothing left to do.
-    again = await storage.repair(ids)
+    again = await orchestrator.repairer.repair(ids)
     assert again.replicas_created == 0

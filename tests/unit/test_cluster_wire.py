@@ -26,15 +26,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multicloud.comm.http_transport import HttpTransport
 from prometheus_client.parser import text_string_to_metric_families
 
 from multicloud import PipelineOrchestrator
-from multicloud.blob.transforms import blob_checksum, decode_blob
+from multicloud.blob import blob_checksum, decode_blob
 from multicloud.cluster import node_server
 from multicloud.cluster.node_server import NodeServer
 from multicloud.cluster.remote import MembershipWatcher, connect_cluster, fetch_nodes
 from multicloud.comm import wire
-from multicloud.comm.http_transport import HttpTransport
 from multicloud.control.registry import NodeRegistry, WorkerNode
 from multicloud.control.registry_server import RegistryServer
 from multicloud.core.auth import (

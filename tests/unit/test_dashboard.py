@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console, RenderableType
 
 from multicloud import PipelineConfig, PipelineOrchestrator, create_local_cluster
+from multicloud.run.live import LiveView
 from multicloud.ui.dashboard import (
     DashboardView,
     StatusDashboard,
@@ -156,22 +157,22 @@ def test_should_use_dashboard_only_on_an_interactive_terminal(
     assert not should_use_dashboard(Console(file=io.StringIO(), force_terminal=True))
 
 
-async def test_from_orchestrator_mid_run_and_after(tmp_path: Path, config: PipelineConfig,
+async def test_from_snapshot_mid_run_and_after(tmp_path: Path, config: PipelineConfig,
                                                    make_dataset: Callable[..., Path]) -> None:
     registry = create_local_cluster(tmp_path / "c", {"aws": 3, "gcp": 3})
     orch = PipelineOrchestrator(registry, config=config)  # small_config(): 64 KiB chunks
     source = make_dataset("aws_s3_simulation", size=2 * 1024 * 1024, seed=3)
     mid: list[DashboardView] = []
 
-    def capture(o: PipelineOrchestrator) -> None:
-        if not mid and 40 <= o.progress_percent < 100:
+    def capture(live: LiveView) -> None:
+        if not mid and 40 <= live.progress_percent < 100:
             registry.nodes["aws-node-2"].set_status("unhealthy", reason="failed in a test")
-            mid.append(DashboardView.from_orchestrator(o))
+            mid.append(DashboardView.from_snapshot(live.snapshot()))
 
     orch.add_progress_listener(capture)
     try:
         result = await orch.run_pipeline({"batch_id": "dash", "data_source": str(source)})
-        after = DashboardView.from_orchestrator(orch)
+        after = DashboardView.from_snapshot(orch.live.snapshot())
     finally:
         await orch.close()
         await registry.close()
@@ -216,7 +217,7 @@ async def test_run_with_dashboard_leaves_the_final_frame(
     assert "pipeline_finished" in frame
     # the refresh task is gone and no listener is left behind
     assert [t for t in asyncio.all_tasks() if t.get_name() == "dashboard-refresh"] == []
-    assert orchestrator.bus._sinks == []
+    assert orchestrator.live.bus._sinks == []
 
 
 async def test_run_with_dashboard_shows_a_failed_run(

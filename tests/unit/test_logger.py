@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from multicloud import (
     PipelineConfig,
     PipelineOrchestrator,
     PipelineResult,
-    SimulatedTransport,
+    PipelineStatus,
     create_local_cluster,
 )
 from multicloud.pipeline.events import EVENT_KINDS, PipelineEvent
@@ -50,26 +51,21 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NodeRegistry]:
 
 async def run_logged(registry: NodeRegistry, config: PipelineConfig, source: Path,
                      log_path: Path, batch_id: str,
-                     at_half: Callable[[], None]) -> PipelineResult:
+                     at_half: Callable[[], Awaitable[None]]) -> PipelineResult:
     """Run one batch with a logger attached; at_half() runs once at >= 50% progress."""
     orch = PipelineOrchestrator(registry, config=config)  # small_config(): 64 KiB chunks
-    done: list[float] = []
-
-    def listener(o: PipelineOrchestrator) -> None:
-        if not done and o.progress_percent >= 50:
-            done.append(o.progress_percent)
-            at_half()
-
-    orch.add_progress_listener(listener)
     try:
         with PipelineLogger(log_path) as logger:
             logger.attach(orch)
-            result = await orch.run_pipeline({"batch_id": batch_id,
-                                              "data_source": str(source)})
+            run = asyncio.create_task(orch.run_pipeline({"batch_id": batch_id,
+                                                         "data_source": str(source)}))
+            await orch.wait_for_progress(50)
+            assert orch.pipeline_status is PipelineStatus.RUNNING, \
+                "the run never reached 50% with chunks left"
+            await at_half()
+            result = await run
     finally:
         await orch.close()
-    assert done, "the run never reached 50% with chunks left"
-    assert done[0] < 100
     assert result.status == "success", result.error
     return result
 
@@ -80,7 +76,7 @@ async def test_every_line_is_json_with_the_documented_fields(
     source = make_dataset("aws_s3_simulation", size=2 * 1024 * 1024, seed=31)
     log_path = tmp_path / "logs" / "pipeline.log"
 
-    def mark_unhealthy() -> None:
+    async def mark_unhealthy() -> None:
         cluster.nodes["aws-node-2"].status = "unhealthy"
 
     result = await run_logged(cluster, config, source, log_path, "logged", mark_unhealthy)
@@ -131,13 +127,11 @@ async def test_every_line_is_json_with_the_documented_fields(
 async def test_a_crash_logs_replacements_and_the_node_failure(
         cluster: NodeRegistry, config: PipelineConfig, make_dataset: Callable[..., Path],
         tmp_path: Path) -> None:
-    transport = cluster.transport
-    assert isinstance(transport, SimulatedTransport)
     source = make_dataset("aws_s3_simulation", size=2 * 1024 * 1024, seed=32)
     log_path = tmp_path / "crash.log"
 
     await run_logged(cluster, config, source, log_path, "crash",
-                     lambda: transport.crash("aws-node-2"))
+                     lambda: cluster.faults.crash("aws-node-2"))
 
     lines = read_lines(log_path)
     for line in lines:

@@ -24,7 +24,8 @@ from multicloud.control.registry_server import RegistryServer
 from multicloud.core.auth import auth_header
 from multicloud.core.config import ServiceConfig
 from multicloud.core.errors import ConfigError
-from multicloud.pipeline.metrics import STAGES, PipelineMetrics
+from multicloud.pipeline.metrics import STAGES
+from multicloud.run.live import LiveView
 from multicloud.ui.prometheus import (
     LATENCY_BUCKETS,
     MetricsServer,
@@ -74,14 +75,14 @@ async def run(cluster: NodeRegistry, config: PipelineConfig,
     """A finished run with a node marked unhealthy at 50%, and what was seen at that moment."""
     source = make_dataset("aws_s3_simulation", size=2 * 1024 * 1024, seed=41)
     orch = PipelineOrchestrator(cluster, config=config)  # small_config(): 64 KiB chunks
-    server = MetricsServer(orch)
+    server = MetricsServer(orch.live)
     seen: dict[str, Any] = {}
 
-    def at_half(o: PipelineOrchestrator) -> None:
-        if not seen and o.progress_percent >= 50:
+    def at_half(live: LiveView) -> None:
+        if not seen and live.progress_percent >= 50:
             # The collector and the snapshot are plain reads: call them mid-run, in the loop.
             seen["metrics"] = generate_latest(server.registry).decode()
-            seen["status"] = status_snapshot(o)
+            seen["status"] = status_snapshot(live.snapshot())
             cluster.nodes["aws-node-2"].status = "unhealthy"
 
     orch.add_progress_listener(at_half)
@@ -96,7 +97,7 @@ async def test_a_scrape_matches_the_run(
         run: tuple[PipelineOrchestrator, PipelineResult, dict[str, Any]]) -> None:
     orch, result, _ = run
     m = result.metrics
-    async with MetricsServer(orch) as server, aiohttp.ClientSession() as http:
+    async with MetricsServer(orch.live) as server, aiohttp.ClientSession() as http:
         assert server.url.startswith("http://127.0.0.1:")
         async with http.get(f"{server.url}/metrics") as resp:
             assert resp.status == 200
@@ -159,7 +160,7 @@ async def test_a_scrape_matches_the_run(
     latency_counts = by_label(samples, "multicloud_link_latency_seconds", "link",
                               "multicloud_link_latency_seconds_count")
     assert latency_counts == {link: len(v) for link, v in
-                              orch.distribution_coordinator.link_latencies.items()}
+                              orch.metrics.replicas.link_latencies.items()}
     rto = by_label(samples, "multicloud_link_rto_seconds_per_mib", "link")
     assert rto == pytest.approx({link: t["rto_s_per_mib"] for link, t in
                                  dist["timeouts"].items()})
@@ -179,7 +180,7 @@ async def test_a_scrape_matches_the_run(
 async def test_status_reports_the_run(
         run: tuple[PipelineOrchestrator, PipelineResult, dict[str, Any]]) -> None:
     orch, result, seen = run
-    async with MetricsServer(orch) as server, aiohttp.ClientSession() as http, \
+    async with MetricsServer(orch.live) as server, aiohttp.ClientSession() as http, \
             http.get(f"{server.url}/status") as resp:
         assert resp.status == 200
         status = await resp.json()
@@ -204,7 +205,7 @@ async def test_status_reports_the_run(
     assert events[-1]["kind"] == "pipeline_finished"
     assert set(events[-1]) == {"at", "kind", "level", "detail"}
     assert any(e["kind"] == "node_unhealthy" and e["level"] == "warning" for e in events)
-    assert [e["kind"] for e in events] == [e.kind for e in orch.events[-20:]]
+    assert [e["kind"] for e in events] == [e.kind for e in orch.live.events[-20:]]
 
     # Mid-run (at 50%, just before the node was marked unhealthy) the same views said:
     mid = seen["status"]
@@ -227,8 +228,8 @@ async def test_an_idle_orchestrator_scrapes_cleanly(cluster: NodeRegistry,
                                                     config: PipelineConfig) -> None:
     orch = PipelineOrchestrator(cluster, config=config)
     try:
-        samples, _ = parse(generate_latest(MetricsServer(orch).registry).decode())
-        snapshot = status_snapshot(orch)
+        samples, _ = parse(generate_latest(MetricsServer(orch.live).registry).decode())
+        snapshot = status_snapshot(orch.live.snapshot())
     finally:
         await orch.close()
     assert value(samples, "multicloud_pipeline_info", batch_id="", status="idle", stage="") == 1
@@ -244,7 +245,7 @@ async def test_an_idle_orchestrator_scrapes_cleanly(cluster: NodeRegistry,
 async def test_scrapes_follow_growing_latency_lists_and_new_runs(
         cluster: NodeRegistry, config: PipelineConfig) -> None:
     orch = PipelineOrchestrator(cluster, config=config)
-    registry = MetricsServer(orch).registry
+    registry = MetricsServer(orch.live).registry
 
     def processing_histogram() -> tuple[dict[str, float], float]:
         samples, _ = parse(generate_latest(registry).decode())
@@ -264,7 +265,7 @@ async def test_scrapes_follow_growing_latency_lists_and_new_runs(
         assert buckets["+Inf"] == 6
         assert buckets["0.25"] == 4
         assert total == pytest.approx(sum(latencies))
-        orch.metrics = PipelineMetrics()  # what a new run does
+        orch.metrics.reset()  # what a new run does
         buckets, total = processing_histogram()
         assert set(buckets.values()) == {0.0}
         assert total == 0
@@ -276,14 +277,14 @@ async def test_the_token_guards_both_endpoints(cluster: NodeRegistry,
                                                config: PipelineConfig) -> None:
     orch = PipelineOrchestrator(cluster, config=config)
     try:
-        async with MetricsServer(orch, token=TOKEN) as server, \
+        async with MetricsServer(orch.live, token=TOKEN) as server, \
                 aiohttp.ClientSession() as http:
             for path in ("/metrics", "/status"):
                 async with http.get(f"{server.url}{path}") as resp:
                     assert resp.status == 401, path
                 async with http.get(f"{server.url}{path}", headers=auth_header(TOKEN)) as resp:
                     assert resp.status == 200, path
-            taken = MetricsServer(orch, port=int(server.url.rsplit(":", 1)[1]))
+            taken = MetricsServer(orch.live, port=int(server.url.rsplit(":", 1)[1]))
             with pytest.raises(ConfigError, match="cannot listen"):
                 await taken.start()
         await server.stop()  # twice is fine
@@ -321,10 +322,12 @@ async def test_node_and_registry_metrics_parse(tmp_path: Path) -> None:
         await registry.stop()
 
     labels = {"node": "aws-node-1", "cloud": "aws", "region": 'us-"east"-1'}
-    assert value(node_samples, "multicloud_node_chunks", **labels) == 0
-    assert value(node_samples, "multicloud_node_bytes", **labels) == 0
-    assert value(node_samples, "multicloud_node_inflight_requests", **labels) == 0
-    assert set(node_types.values()) == {"gauge"}
+    assert value(node_samples, "multicloud_node_info", **labels) == 1
+    assert value(node_samples, "multicloud_node_stored_chunks") == 0
+    assert value(node_samples, "multicloud_node_stored_bytes") == 0
+    assert value(node_samples, "multicloud_node_disk_free_bytes") > 0
+    assert node_types["multicloud_node_requests"] == "counter"
+    assert node_types["multicloud_node_request_seconds"] == "histogram"
 
     assert by_label(reg_samples, "multicloud_registry_nodes", "status") == \
         {"healthy": 1, "unhealthy": 0}

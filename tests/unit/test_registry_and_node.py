@@ -23,7 +23,7 @@ from multicloud import (
     WorkerNode,
     create_local_cluster,
 )
-from multicloud.blob.transforms import blob_checksum
+from multicloud.blob import blob_checksum
 from multicloud.cluster.local import MEMBERSHIP_FILE
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.errors import ChunkNotFound, ConfigError, InvalidChunkId

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from multicloud.control.registry_server import (
     REGISTRY_FILE,
@@ -31,10 +32,6 @@ TOKEN = "t0k"
 TIMEOUT_S = 3.0
 # A short interval makes the real server's sweep run every 25 ms; the fake clock decides health.
 SERVICE = ServiceConfig(heartbeat_interval_s=0.05, failure_timeout_s=TIMEOUT_S)
-SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? '
-                    r"(-?[0-9.eE+]+|NaN|[+-]Inf)$")
-
-
 class FakeClock:
     """A monotonic clock that moves only when told to."""
 
@@ -455,23 +452,24 @@ async def test_metrics_are_prometheus_text(client: aiohttp.ClientSession,
         text = await resp.text()
 
     assert text.endswith("\n")
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) multicloud_registry_\w+ .+$", line), line
-            continue
-        match = SERIES.match(line)
-        assert match, line
-        name_and_labels, value = line.rsplit(" ", 1)
-        samples[name_and_labels] = float(value)
-    assert samples['multicloud_registry_nodes{status="healthy"}'] == 1
-    assert samples['multicloud_registry_nodes{status="unhealthy"}'] == 1
-    assert samples["multicloud_registry_heartbeats_total"] == 1
-    assert samples['multicloud_registry_node_up{node="aws-node-1",cloud="aws",'
-                   'region="aws-east-1"}'] == 0
-    assert samples['multicloud_registry_node_up{node="gcp-node-1",cloud="gcp",'
-                   'region="eu \\"west\\"\\\\1"}'] == 1
-    assert "# TYPE multicloud_registry_heartbeats_total counter" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {"multicloud_registry_nodes", "multicloud_registry_heartbeats",
+                             "multicloud_registry_node_up"}
+    assert families["multicloud_registry_heartbeats"].type == "counter"
+
+    def sample(family: str, **labels: str) -> float:
+        [value] = [s.value for s in families[family].samples if s.labels == labels]
+        return value
+
+    assert sample("multicloud_registry_nodes", status="healthy") == 1
+    assert sample("multicloud_registry_nodes", status="unhealthy") == 1
+    assert [s.value for s in families["multicloud_registry_heartbeats"].samples
+            if s.name == "multicloud_registry_heartbeats_total"] == [1]
+    assert sample("multicloud_registry_node_up", node="aws-node-1", cloud="aws",
+                  region="aws-east-1") == 0
+    # Label values are escaped: quotes and backslashes come back as they were registered.
+    assert sample("multicloud_registry_node_up", node="gcp-node-1", cloud="gcp",
+                  region='eu "west"\\1') == 1
 
 
 async def test_the_sweep_task_detects_silence_on_its_own(

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multicloud.blob.transforms import (
+from multicloud.blob import (
     MAGIC,
     TransformChain,
     blob_checksum,

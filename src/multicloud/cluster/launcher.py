@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from multicloud.cluster.remote import fetch_nodes
+from multicloud.control.membership import fetch_nodes
 from multicloud.core.auth import generate_token
 from multicloud.core.config import PipelineConfig
 from multicloud.core.errors import ClusterError

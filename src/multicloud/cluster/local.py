@@ -1,21 +1,25 @@
 """The embedded cluster: every node in this process, its state under one data dir.
 
-`<data_dir>/cluster.json` records membership (ids, clouds, regions, capacity) so that
-separate processes (`run`, then `restore`, then `verify`) see the same cluster, and
-`<data_dir>/nodes/<node_id>/` holds each node's chunk store.
+The nodes are the same `NodeService`s cluster mode serves over HTTP, reached through the
+in-process carrier (`LocalComm`), so the embedded cluster runs the product's data plane,
+not a model of it. `<data_dir>/cluster.json` records membership (ids, clouds, regions,
+capacity) so that separate processes (`run`, then `restore`, then `verify`) see the same
+cluster, and `<data_dir>/nodes/<node_id>/` holds each node's chunk store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
-from multicloud.comm.simulated import SimulatedTransport
-from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.comm.cluster import Cluster
+from multicloud.comm.local import LocalComm
+from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ClusterConfig, NodeSpec, StorageConfig
 from multicloud.core.errors import ConfigError
-from multicloud.core.network import NetworkTopology
+from multicloud.core.network import Location, NetworkTopology
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
 
@@ -30,7 +34,7 @@ def create_local_cluster(
     config: ClusterConfig | None = None,
     storage: StorageConfig | None = None,
     join: bool = True,
-) -> NodeRegistry:
+) -> Cluster:
     """Start (or reopen) an embedded cluster under data_dir and return its registry.
 
     Nodes already recorded under data_dir keep their data and rejoin; with `join`, nodes
@@ -51,16 +55,65 @@ def create_local_cluster(
 
     root = Path(data_dir)
     specs = _merge_membership(root, config.node_specs(), write=join)
-    topology = NetworkTopology(config)
-    services = {
-        spec.id: NodeService(spec.id, ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync))
-        for spec in specs
-    }
-    transport = SimulatedTransport(services, topology, config.time_scale, config.seed)
-    registry = NodeRegistry(config, [WorkerNode(spec) for spec in specs], transport, topology,
-                            data_dir=root)
-    transport.attach(registry)
-    return registry
+    services: dict[str, NodeService] = {}
+    comm = LocalComm(services)
+    for spec in specs:
+        store = ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync, owner=f"node {spec.id}")
+        services[spec.id] = NodeService(spec.id, Location(spec.cloud, spec.region), store, comm,
+                                        seed=config.seed)
+    cluster = Cluster(config, [WorkerNode(spec) for spec in specs], comm,
+                      topology=NetworkTopology(config), data_dir=root)
+
+    async def close_nodes() -> None:
+        await asyncio.gather(*(asyncio.to_thread(s.close) for s in services.values()))
+
+    cluster.on_close(close_nodes)
+    return cluster
+
+
+async def create_loopback_cluster(
+    data_dir: str | Path,
+    nodes_per_cloud: dict[str, int] | None = None,
+    *,
+    config: ClusterConfig | None = None,
+    storage: StorageConfig | None = None,
+    token: str = "loopback",
+) -> Cluster:
+    """The same cluster with every node behind its own HTTP server on 127.0.0.1.
+
+    Each node is a `NodeServer` in this process (faults allowed), reached over real HTTP:
+    the cluster-mode data plane, sockets and all, without starting processes. For tests
+    and benchmarks that compare the two carriers on one machine.
+    """
+    from multicloud.cluster.node_server import NodeServer
+    from multicloud.comm.http import HttpComm
+
+    config = config or ClusterConfig()
+    if nodes_per_cloud is not None:
+        config = ClusterConfig.model_validate({**config.model_dump(),
+                                               "nodes_per_cloud": dict(nodes_per_cloud),
+                                               "nodes": []})
+    storage = storage or StorageConfig()
+    root = Path(data_dir)
+    specs = config.node_specs()
+    servers = [NodeServer(root, token, spec.cloud, spec.region, node_id=spec.id,
+                          host="127.0.0.1", port=0, fsync=storage.fsync,
+                          capacity_bytes=int(spec.capacity_gb * 1024**3), allow_faults=True)
+               for spec in specs]
+
+    async def stop_servers() -> None:
+        await asyncio.gather(*(server.stop() for server in servers))
+
+    try:
+        urls = await asyncio.gather(*(server.start() for server in servers))
+    except BaseException:
+        await stop_servers()
+        raise
+    cluster = Cluster(config, [WorkerNode(spec, url=url) for spec, url in zip(specs, urls,
+                                                                            strict=True)],
+                      HttpComm(token), topology=NetworkTopology(config), data_dir=root)
+    cluster.on_close(stop_servers)
+    return cluster
 
 
 def _merge_membership(root: Path, wanted: list[NodeSpec], write: bool) -> list[NodeSpec]:

@@ -1,144 +1,34 @@
-"""Connecting the orchestrator to a running cluster: membership from the registry.
+"""Connecting the orchestrator to a running cluster of node processes.
 
-`connect_cluster` reads the registry's node list into a `NodeRegistry` backed by an
-`HttpTransport`, and starts a watcher that keeps node health in step with the registry's
-failure detector (a node whose heartbeats stop turns unhealthy here too, which takes it out
-of service at once; one that returns turns healthy). A registry that is briefly away
-(restarting) changes nothing: the last known membership stands until it answers again.
+`connect_cluster` reads the registry's node list into a `Cluster` whose nodes are reached
+over HTTP, and keeps node health in step with the registry's failure detector.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-
-from multicloud.comm.http_transport import HttpTransport
-from multicloud.comm.wire import API
-from multicloud.control.registry import GIB, NodeRegistry, WorkerNode
-from multicloud.core.auth import auth_header
-from multicloud.core.config import ClusterConfig, NodeSpec
+from multicloud.comm.cluster import Cluster
+from multicloud.comm.http import HttpComm
+from multicloud.control.membership import MembershipWatcher, fetch_nodes, worker_from_view
+from multicloud.core.config import ClusterConfig
 from multicloud.core.errors import ClusterError
 from multicloud.core.network import NetworkTopology
-from multicloud.core.types import NodeStatus
-
-log = logging.getLogger(__name__)
-
-
-async def fetch_nodes(registry_url: str, token: str,
-                      session: aiohttp.ClientSession | None = None) -> list[dict[str, Any]]:
-    """The registry's view of every node."""
-    url = f"{registry_url.rstrip('/')}{API}/nodes"
-    owned = session is None
-    client = session or aiohttp.ClientSession(headers=auth_header(token))
-    try:
-        async with client.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status == 401:
-                raise ClusterError(f"the registry at {registry_url} refused our token: check "
-                                   f"MULTICLOUD_TOKEN or the data dir's token file")
-            if resp.status != 200:
-                raise ClusterError(f"the registry at {registry_url} answered {resp.status}")
-            body = await resp.json()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ClusterError(f"cannot reach the registry at {registry_url}: {exc}; is "
-                           f"`multicloud registry` (or `multicloud cluster up`) running?") from exc
-    finally:
-        if owned:
-            await client.close()
-    nodes: list[dict[str, Any]] = body["nodes"]
-    return nodes
-
-
-def _worker(view: dict[str, Any]) -> WorkerNode:
-    spec = NodeSpec(id=view["id"], cloud=view["cloud"], region=view["region"],
-                    capacity_gb=max(view.get("capacity_bytes", 100 * GIB), 1) / GIB)
-    node = WorkerNode(spec, url=view["url"])
-    if view.get("status") == NodeStatus.UNHEALTHY:
-        node.set_status(NodeStatus.UNHEALTHY, "registry says so")
-    return node
-
-
-def _heard_since(node: WorkerNode, view: dict[str, Any]) -> bool:
-    """Whether the registry heard from node after we marked it unhealthy."""
-    age = view.get("last_heartbeat_age_s")
-    if node.unhealthy_since is None or age is None:
-        return node.unhealthy_since is None
-    return time.monotonic() - float(age) > node.unhealthy_since
-
-
-class MembershipWatcher:
-    """Polls the registry and mirrors node membership and health into a NodeRegistry."""
-
-    def __init__(self, registry: NodeRegistry, registry_url: str, token: str,
-                 interval_s: float) -> None:
-        self.registry = registry
-        self.registry_url = registry_url
-        self.interval_s = interval_s
-        self._session = aiohttp.ClientSession(headers=auth_header(token))
-        self._task: asyncio.Task[None] | None = None
-        self.synced = asyncio.Event()  # set after each successful poll
-
-    def start(self) -> None:
-        """Begin watching."""
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        """Stop watching and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._session.close()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                views = await fetch_nodes(self.registry_url, "", self._session)
-            except ClusterError as exc:
-                log.debug("registry poll failed (keeping the last membership): %s", exc)
-                continue
-            self.apply(views)
-            self.synced.set()
-
-    def apply(self, views: list[dict[str, Any]]) -> None:
-        """Bring the registry's view of membership and health into the NodeRegistry."""
-        for view in views:
-            node = self.registry.nodes.get(view["id"])
-            if node is None:
-                self.registry.add(_worker(view))
-                log.info("node %s joined", view["id"])
-                continue
-            node.url = view["url"]
-            status = NodeStatus(view["status"])
-            if status is NodeStatus.HEALTHY and not node.healthy and not _heard_since(node, view):
-                continue  # we saw it fail after its last heartbeat: the registry is behind
-            if status is not node.status:
-                reason = ("missed heartbeats" if status is NodeStatus.UNHEALTHY
-                          else "heartbeats resumed")
-                node.set_status(status, reason)
 
 
 async def connect_cluster(registry_url: str, token: str, config: ClusterConfig | None = None,
-                          data_dir: str | Path | None = None) -> NodeRegistry:
-    """A NodeRegistry for the running cluster behind registry_url."""
+                          data_dir: str | Path | None = None) -> Cluster:
+    """The running cluster behind registry_url, its nodes reached over HTTP."""
     config = config or ClusterConfig()
     views = await fetch_nodes(registry_url, token)
     if not views:
         raise ClusterError(f"the registry at {registry_url} has no nodes yet: start some with "
                            f"`multicloud node --registry {registry_url}`")
-    topology = NetworkTopology(config)
-    transport = HttpTransport(token, topology, config.time_scale)
-    registry = NodeRegistry(config, [_worker(v) for v in views], transport, topology,
-                            data_dir=Path(data_dir) if data_dir is not None else None)
-    transport.attach(registry)
-    watcher = MembershipWatcher(registry, registry_url, token,
+    cluster = Cluster(config, [worker_from_view(v) for v in views], HttpComm(token),
+                      topology=NetworkTopology(config),
+                      data_dir=Path(data_dir) if data_dir is not None else None)
+    watcher = MembershipWatcher(cluster, registry_url, token,
                                 config.service.heartbeat_interval_s)
     watcher.start()
-    registry.on_close(watcher.stop)
-    return registry
+    cluster.on_close(watcher.stop)
+    return cluster

@@ -1,21 +1,23 @@
-"""The node registry: cluster membership and health as the control plane sees it."""
+"""The node registry: cluster membership and health as the control plane sees it.
+
+It holds no connection to the nodes: `multicloud.comm.cluster.Cluster` adds that. What it
+knows comes from the orchestrator's own transfers (failures counted to a threshold), from
+an operator (`node.status = "unhealthy"`) and, in cluster mode, from the registry
+service's heartbeats (mirrored by `multicloud.control.membership`).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from multicloud.core.config import ClusterConfig, NodeSpec
-from multicloud.core.errors import ClusterError, MulticloudError
+from multicloud.core.errors import ClusterError
+from multicloud.core.messages import NodeAddress
 from multicloud.core.network import Location, NetworkTopology
 from multicloud.core.types import NodeStatus
-
-if TYPE_CHECKING:
-    from multicloud.comm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class WorkerNode:
         self.spec = spec
         self.consecutive_failures = 0
         self.used_bytes = 0  # bytes of replicas the manifest records on this node
+        self.full = False  # its disk said no room for a write: no new replicas for now
         self.unhealthy_since: float | None = None  # time.monotonic() of the last failure
         self._status = NodeStatus.HEALTHY
         self._registry: NodeRegistry | None = None
@@ -44,6 +47,11 @@ class WorkerNode:
     def location(self) -> Location:
         """The node's cloud and region."""
         return Location(self.cloud, self.region)
+
+    @property
+    def address(self) -> NodeAddress:
+        """How to reach the node."""
+        return NodeAddress(self.id, self.location, self.url)
 
     @property
     def status(self) -> NodeStatus:
@@ -80,18 +88,16 @@ class WorkerNode:
 
 
 class NodeRegistry:
-    """All nodes of a cluster, the network between them, and the transport that reaches them."""
+    """All nodes of a cluster, their health, and the network between them."""
 
     def __init__(self, config: ClusterConfig, nodes: list[WorkerNode],
-                 transport: Transport, topology: NetworkTopology | None = None,
+                 topology: NetworkTopology | None = None,
                  data_dir: Path | None = None) -> None:
         self.config = config
         self.data_dir = data_dir  # where the manifest lives
         self.topology = topology or NetworkTopology(config)
-        self.transport = transport
         self.nodes: dict[str, WorkerNode] = {}
         self._listeners: list[StatusListener] = []
-        self._on_close: list[Callable[[], Awaitable[None]]] = []
         for node in nodes:
             self.add(node)
 
@@ -126,7 +132,10 @@ class NodeRegistry:
         """Tell listeners that a node's health changed."""
         log.info("node %s: %s -> %s (%s)", node.id, old.value, node.status.value, reason)
         for listener in list(self._listeners):
-            listener(node, old, reason)
+            try:
+                listener(node, old, reason)
+            except Exception:  # a broken watcher must not stop the others, nor the caller
+                log.exception("status listener %r failed on %s", listener, node.id)
 
     def record_failure(self, node_id: str, threshold: int, reason: str) -> bool:
         """Count a failed transfer to a node; mark it unhealthy at threshold. True if it was."""
@@ -145,45 +154,3 @@ class NodeRegistry:
         node = self.nodes.get(node_id)
         if node is not None:
             node.consecutive_failures = 0
-
-    async def report(self) -> list[dict[str, Any]]:
-        """Every node with its place, health, and what it stores (0 when unreachable)."""
-        async def row(node: WorkerNode) -> dict[str, Any]:
-            try:
-                chunks, nbytes = await self.transport.usage(node)
-            except MulticloudError:
-                chunks, nbytes = 0, 0  # a node that is down: its row still shows it
-            return {"id": node.id, "cloud": node.cloud, "region": node.region,
-                    "status": node.status.value, "url": node.url, "chunks": chunks,
-                    "bytes": nbytes, "capacity_bytes": node.capacity_bytes}
-
-        return list(await asyncio.gather(*(row(n) for _, n in sorted(self.nodes.items()))))
-
-    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
-        """Run closer when the registry closes (a membership watcher, for one)."""
-        self._on_close.append(closer)
-
-    async def probe(self) -> list[str]:
-        """Health-check every node in service; mark the silent ones unhealthy (returned).
-
-        Run before repair, so that replicas on a node that died quietly (no transfer to it
-        failed yet, its heartbeat timeout not yet up) are not counted as safe.
-        """
-        nodes = self.healthy_nodes()
-        results = await asyncio.gather(*(self.transport.ping(n) for n in nodes),
-                                       return_exceptions=True)
-        down = []
-        for node, result in zip(nodes, results, strict=True):
-            if isinstance(result, MulticloudError):
-                node.set_status(NodeStatus.UNHEALTHY, f"health check failed: {result}")
-                down.append(node.id)
-            elif isinstance(result, BaseException):
-                raise result
-        return down
-
-    async def close(self) -> None:
-        """Stop what watches the cluster, then release the transport."""
-        for closer in reversed(self._on_close):
-            await closer()
-        self._on_close.clear()
-        await self.transport.close()

@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from multicloud.core.auth import auth_middleware
 from multicloud.core.config import ServiceConfig
 from multicloud.core.errors import ClusterError, ConfigError
+from multicloud.core.exposition import CallbackCollector, metrics_response
 from multicloud.core.types import NodeStatus
 
 log = logging.getLogger(__name__)
@@ -331,32 +334,35 @@ def _parse_counters(payload: dict[str, Any]) -> dict[str, int]:
     return counters
 
 
-def _label(value: str) -> str:
-    """A Prometheus label value, escaped as the text format requires."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def registry_metrics(state: RegistryState) -> CollectorRegistry:
+    """The registry's Prometheus series, read from state at scrape time.
 
+        registry_nodes{status}               gauge     registered nodes by health
+        registry_heartbeats_total            counter   heartbeats received since start
+        registry_node_up{node,cloud,region}  gauge     1 healthy, 0 not
+    """
+    def collect() -> list[Metric]:
+        views = state.views()
+        healthy = sum(1 for v in views if v["status"] == NodeStatus.HEALTHY.value)
+        nodes = GaugeMetricFamily("multicloud_registry_nodes", "Registered nodes by health.",
+                                  labels=["status"])
+        nodes.add_metric(["healthy"], healthy)
+        nodes.add_metric(["unhealthy"], len(views) - healthy)
+        beats = CounterMetricFamily(
+            "multicloud_registry_heartbeats",
+            "Heartbeats received since the registry started (re-registrations count).",
+            value=state.heartbeats_total)
+        up = GaugeMetricFamily("multicloud_registry_node_up",
+                               "Whether a node is healthy (1) or not (0).",
+                               labels=["node", "cloud", "region"])
+        for v in views:
+            up.add_metric([v["id"], v["cloud"], v["region"]],
+                          1 if v["status"] == NodeStatus.HEALTHY.value else 0)
+        return [nodes, beats, up]
 
-def render_metrics(state: RegistryState) -> str:
-    """The registry's metrics in Prometheus text format 0.0.4."""
-    views = state.views()
-    healthy = sum(1 for v in views if v["status"] == NodeStatus.HEALTHY.value)
-    lines = [
-        "# HELP multicloud_registry_nodes Registered nodes by health.",
-        "# TYPE multicloud_registry_nodes gauge",
-        f'multicloud_registry_nodes{{status="healthy"}} {healthy}',
-        f'multicloud_registry_nodes{{status="unhealthy"}} {len(views) - healthy}',
-        "# HELP multicloud_registry_heartbeats_total Heartbeats received since the registry "
-        "started (re-registrations count).",
-        "# TYPE multicloud_registry_heartbeats_total counter",
-        f"multicloud_registry_heartbeats_total {state.heartbeats_total}",
-        "# HELP multicloud_registry_node_up Whether a node is healthy (1) or not (0).",
-        "# TYPE multicloud_registry_node_up gauge",
-    ]
-    for v in views:
-        up = 1 if v["status"] == NodeStatus.HEALTHY.value else 0
-        lines.append(f'multicloud_registry_node_up{{node="{_label(v["id"])}",'
-                     f'cloud="{_label(v["cloud"])}",region="{_label(v["region"])}"}} {up}')
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry()
+    registry.register(CallbackCollector(collect))
+    return registry
 
 
 def _error(status: int, error: str, message: str) -> web.Response:
@@ -395,6 +401,7 @@ class RegistryServer:
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._url: str | None = None
+        self._metrics_registry: CollectorRegistry | None = None
 
     @property
     def url(self) -> str:
@@ -521,8 +528,9 @@ class RegistryServer:
         return web.json_response({"status": "ok", "nodes": len(views), "healthy": healthy})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=render_metrics(self.state).encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        if self._metrics_registry is None:
+            self._metrics_registry = registry_metrics(self.state)
+        return metrics_response(self._metrics_registry)
 
     def _unknown(self, node_id: str, hint: str) -> web.Response:
         return _error(404, "unknown_node", f"no node {node_id!r} is registered; {hint}")

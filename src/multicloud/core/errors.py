@@ -9,6 +9,8 @@ Every message names the bad value, what would be valid, and what to do about it.
     ├── ValidationFailed         a chunk's records do not parse
     ├── ClusterError
     │   ├── NodeUnavailable      a node is down, unhealthy or cut off
+    │   ├── SourceLost           the processing node holding a staged chunk failed
+    │   ├── ReplicaRefused       a target did not store a replica (its cause attached)
     │   ├── InsufficientNodes    fewer healthy nodes or clouds than the policy needs
     │   ├── TransferTimeout      a transfer took longer than its adaptive timeout
     │   └── QuorumNotReached     a chunk could not get write_quorum verified replicas
@@ -16,12 +18,21 @@ Every message names the bad value, what would be valid, and what to do about it.
     │   ├── InvalidChunkId       an id that is not 64 lowercase hex characters
     │   ├── IntegrityError       bytes whose checksum does not match
     │   ├── ChunkNotFound        a node does not hold the asked-for chunk
+    │   ├── DiskFull             a disk (a node's or the manifest's) has no room left
     │   └── UnknownBatch         a batch id the manifest does not know
     ├── RestoreError             a file could not be rebuilt from any replica
-    └── ProfileError             a profiling request that cannot be measured
+    ├── ProfileError             a profiling request that cannot be measured
+    └── UsageError               a command line that cannot be run as given
+
+Errors cross process boundaries: a node's handler raises one, the carrier (in-process or
+HTTP) sends `to_wire(exc)` and the caller raises `from_wire(...)`, the same class with the
+same message, whichever way the message travelled.
 """
 
 from __future__ import annotations
+
+import errno
+from typing import Any
 
 
 class MulticloudError(Exception):
@@ -67,6 +78,21 @@ class TransferTimeout(ClusterError):
         self.timeout_s = timeout_s
 
 
+class SourceLost(ClusterError):
+    """The processing node holding a chunk's staged blob failed before quorum."""
+
+
+class ReplicaRefused(ClusterError):
+    """A target node did not store a replica: down, cut off, out of room, too slow, or the
+    bytes arrived damaged. The pushing node is not at fault; `cause` says what happened."""
+
+    def __init__(self, node_id: str, chunk_id: str, cause: MulticloudError) -> None:
+        super().__init__(f"node {node_id} did not store chunk {chunk_id[:12]}: {cause}")
+        self.node_id = node_id
+        self.chunk_id = chunk_id
+        self.cause = cause
+
+
 class QuorumNotReached(ClusterError):
     """A chunk could not reach write_quorum verified replicas."""
 
@@ -94,6 +120,10 @@ class ChunkNotFound(StorageError):
     """A node does not hold the chunk that was asked for."""
 
 
+class DiskFull(StorageError):
+    """A disk has no room (or no quota) left for a write; nothing was half-written."""
+
+
 class UnknownBatch(StorageError):
     """The manifest has no batch with this id."""
 
@@ -104,3 +134,77 @@ class RestoreError(MulticloudError):
 
 class ProfileError(MulticloudError):
     """A profiling request that cannot be measured (no runs, or a run that fails)."""
+
+
+class UsageError(MulticloudError):
+    """A command line that cannot be run as given (a missing option, a bad value)."""
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """The tree's error for an OSError; `what` failed ("node x cannot write chunk y")."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_ROOM:
+        return DiskFull(f"{what}: {reason}; free some space (or add nodes) and run again")
+    return StorageError(f"{what}: {reason}")
+
+
+# Wire codes, one per class that crosses a process boundary; the most specific class wins.
+_CODES: dict[type[MulticloudError], str] = {
+    InvalidChunkId: "invalid_id",
+    ChunkNotFound: "not_found",
+    IntegrityError: "integrity",
+    DiskFull: "disk_full",
+    UnknownBatch: "unknown_batch",
+    StorageError: "storage",
+    ValidationFailed: "validation",
+    NodeUnavailable: "node_unavailable",
+    SourceLost: "source_lost",
+    InsufficientNodes: "insufficient_nodes",
+    TransferTimeout: "transfer_timeout",
+    QuorumNotReached: "quorum",
+    ClusterError: "cluster",
+    ConfigError: "config",
+    SourceError: "source",
+    RestoreError: "restore",
+    MulticloudError: "error",
+}
+_CLASSES = {code: cls for cls, code in _CODES.items()}
+
+
+def error_code(exc: MulticloudError) -> str:
+    """The wire code of an error (the code of its nearest ancestor with one)."""
+    for cls in type(exc).__mro__:
+        code = _CODES.get(cls)
+        if code is not None:
+            return code
+    return "error"  # pragma: no cover - every MulticloudError has MulticloudError in its mro
+
+
+def to_wire(exc: MulticloudError) -> dict[str, Any]:
+    """A JSON-ready description of exc that `from_wire` turns back into the same error."""
+    body: dict[str, Any] = {"error": error_code(exc), "message": str(exc)}
+    if isinstance(exc, NodeUnavailable):
+        body.update(node_id=exc.node_id, reason=exc.reason)
+    elif isinstance(exc, InvalidChunkId):
+        body["chunk_id"] = exc.chunk_id
+    elif isinstance(exc, TransferTimeout):
+        body.update(src=exc.src, dst=exc.dst, timeout_s=exc.timeout_s)
+    return body
+
+
+def from_wire(body: dict[str, Any]) -> MulticloudError:
+    """The error a `to_wire` body describes (a plain MulticloudError for unknown codes)."""
+    code = str(body.get("error", ""))
+    message = str(body.get("message") or code or "unknown error")
+    cls = _CLASSES.get(code, MulticloudError)
+    if cls is NodeUnavailable:
+        return NodeUnavailable(str(body.get("node_id", "?")), str(body.get("reason", message)))
+    if cls is InvalidChunkId:
+        return InvalidChunkId(str(body.get("chunk_id", message)))
+    if cls is TransferTimeout:
+        return TransferTimeout(str(body.get("src", "?")), str(body.get("dst", "?")),
+                               float(body.get("timeout_s", 0.0)))
+    return cls(message)

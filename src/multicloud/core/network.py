@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from multicloud.core.config import ClusterConfig, LinkProfile
 
@@ -58,6 +58,23 @@ class Link:
     def cost_usd(self, nbytes: int) -> float:
         """Egress dollars charged to the sender for nbytes."""
         return nbytes / GB * self.egress_usd_per_gb
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view, so that the node sending the bytes can emulate the link."""
+        return {"src": [self.src.cloud, self.src.region],
+                "dst": [self.dst.cloud, self.dst.region], "kind": self.kind,
+                "latency_s": self.latency_s, "bandwidth_bps": self.bandwidth_bps,
+                "egress_usd_per_gb": self.egress_usd_per_gb}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Link:
+        """The link a `to_json` view describes."""
+        kind = raw["kind"]
+        if kind not in ("same_region", "cross_region", "cross_cloud"):
+            raise ValueError(f"unknown link kind {kind!r}")
+        return cls(src=Location(*raw["src"]), dst=Location(*raw["dst"]), kind=kind,
+                   latency_s=float(raw["latency_s"]), bandwidth_bps=float(raw["bandwidth_bps"]),
+                   egress_usd_per_gb=float(raw["egress_usd_per_gb"]))
 
 
 class NetworkTopology:
@@ -143,28 +160,32 @@ def _matches(pattern: str, location: Location) -> bool:
 class LinkEmulator:
     """Makes transfers take their link's time, scaled by time_scale (0 skips the waiting).
 
-    Each link is a FIFO pipe: a transfer starts when the link is free, occupies it for
-    size / bandwidth, and arrives one latency later, so concurrent transfers share the
-    bandwidth. The sender of the bytes applies it, in both transports.
+    Each sender has its own FIFO pipe per link, as a machine has its own network card: a
+    transfer starts when the sender's pipe is free, occupies it for size / bandwidth, and
+    arrives one latency later, so one sender's concurrent transfers share its bandwidth.
+    The sender of the bytes applies it (a node for its pushes and reads, the orchestrator
+    for the source bytes it hands to a processing node), so pipes never need to be shared
+    between processes and the embedded and the HTTP cluster are timed alike.
     """
 
     def __init__(self, time_scale: float) -> None:
         self.time_scale = time_scale
-        self._free_at: dict[str, float] = {}
+        self._free_at: dict[tuple[str, str], float] = {}
 
-    def delay(self, link: Link, nbytes: int) -> float:
-        """Reserve the link for nbytes; the seconds from now until they arrive."""
+    def delay(self, sender: str, link: Link, nbytes: int) -> float:
+        """Reserve sender's pipe on link for nbytes; the seconds from now until they arrive."""
         if self.time_scale <= 0:
             return 0.0
         now = time.monotonic()
-        start = max(now, self._free_at.get(link.name, now))
+        key = (sender, link.name)
+        start = max(now, self._free_at.get(key, now))
         busy = nbytes / link.bandwidth_bps * self.time_scale
-        self._free_at[link.name] = start + busy
+        self._free_at[key] = start + busy
         return start + busy + link.latency_s * self.time_scale - now
 
-    async def transfer(self, link: Link, nbytes: int) -> None:
-        """Wait as long as moving nbytes over link takes."""
-        seconds = self.delay(link, nbytes)
+    async def transfer(self, sender: str, link: Link, nbytes: int) -> None:
+        """Wait as long as sender moving nbytes over link takes."""
+        seconds = self.delay(sender, link, nbytes)
         if seconds > 0:
             await asyncio.sleep(seconds)
 
@@ -182,7 +203,7 @@ class LinkTraffic:
 
 @dataclass
 class TrafficLedger:
-    """Adds up every transfer per link; shared by the transport and the metrics."""
+    """Adds up every transfer per link: what was sent, over which link, at what price."""
 
     links: dict[str, LinkTraffic] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,29 @@ class Chunk:
         """SHA-256 hex of the raw bytes (the chunk id)."""
         return self.chunk_id
 
+    def to_json(self) -> dict[str, Any]:
+        """The metadata a processing node needs (never the bytes nor the local path)."""
+        meta: dict[str, Any] = {name: getattr(self, name) for name in _CHUNK_FIELDS}
+        prefix = self.line_prefix
+        if prefix is not None and len(prefix) <= MAX_PREFIX_ON_WIRE:
+            meta["line_prefix"] = base64.b64encode(prefix).decode()
+        return meta
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Chunk:
+        """The Chunk a `to_json` view describes (without data or path)."""
+        prefix = raw.get("line_prefix")
+        fields: dict[str, Any] = {name: raw.get(name) for name in _CHUNK_FIELDS}
+        return cls(**fields,
+                   line_prefix=base64.b64decode(prefix) if prefix is not None else None)
+
+
+_CHUNK_FIELDS = ("chunk_id", "file", "index", "offset", "size_bytes", "source_cloud",
+                 "record_format", "csv_columns", "at_file_end", "raw_xxh3")
+# An unfinished line carried from the previous chunk travels with the chunk when it is
+# short; a longer one is left out, and that one boundary line goes unchecked.
+MAX_PREFIX_ON_WIRE = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
@@ -72,6 +97,15 @@ class BlobInfo:
     blob_size: int
     blob_checksum: str  # xxh3-128 hex of the whole blob, checked by every receiver
     codec: str  # "raw", "zstd", "zstd+aes256gcm", ...
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> BlobInfo:
+        """The BlobInfo a `to_json` view describes."""
+        return cls(**raw)
 
 
 @dataclass(slots=True)
@@ -94,6 +128,15 @@ class ReplicaAck:
     blob_checksum: str
     blob_size: int
     elapsed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ReplicaAck:
+        """The ReplicaAck a `to_json` view describes."""
+        return cls(**raw)
 
 
 @dataclass(slots=True)

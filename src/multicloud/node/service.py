@@ -1,25 +1,46 @@
-"""What a worker node does, whichever transport reaches it.
+"""What a worker node does, whichever way its requests arrive.
 
-The embedded cluster calls a `NodeService` directly; cluster mode wraps the same class in
-an HTTP server. Processing runs the transform chain on the node's worker slots
-(`max_workers_per_node` threads) and stages the blob until distribution has pushed it;
-writes are verified against the sender's checksum before they are made durable.
+A `NodeService` is the whole node: processing on its worker slots (the transform chain,
+`max_workers_per_node` threads), a staging area for processed blobs until distribution
+has pushed them, a durable chunk store, the push of a blob to a peer, its faults and its
+metrics. Requests reach it through `handle`, from an in-process carrier or from the HTTP
+server, and it reaches peers through the `Channel` it is given: the data plane exists
+once, here.
+
+Writes are verified against the sender's checksum before they are made durable, and a
+write whose request is cancelled (the caller timed out, or gave up on the node) removes
+the object it had created, so that nothing lands that nobody recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
-from multicloud.blob.transforms import TransformChain, blob_checksum, check_blob
+from multicloud.blob import TransformChain, blob_checksum, check_blob
 from multicloud.core.config import ProcessingConfig
-from multicloud.core.errors import ChunkNotFound, IntegrityError
+from multicloud.core.errors import (
+    ChunkNotFound,
+    ClusterError,
+    IntegrityError,
+    MulticloudError,
+    NodeUnavailable,
+    StorageError,
+    error_code,
+    to_wire,
+)
+from multicloud.core.messages import Body, Channel, NodeAddress, Reply, Request
+from multicloud.core.network import Link, LinkEmulator, Location
 from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
+from multicloud.node.faults import NodeFaults, WriteGate
+from multicloud.node.metrics import NodeMetrics
 from multicloud.node.store import ChunkStore, check_chunk_id
 
 log = logging.getLogger(__name__)
@@ -27,19 +48,65 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 CheckResult = Literal["ok", "missing", "corrupt"]
+Handler = Callable[[Request], Awaitable[Reply]]
 
 # Disk work (hashing received bytes, writing, fsync) gets its own threads so it never waits
 # behind processing on the worker slots.
 _IO_THREADS = 4
 
 
-class NodeService:
-    """A worker node: processing slots, a staging area and a durable chunk store."""
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """How a push to a peer went: its ack or its error, and the bytes that left this node."""
 
-    def __init__(self, node_id: str, store: ChunkStore,
-                 processing: ProcessingConfig | None = None) -> None:
+    ack: ReplicaAck | None
+    error: MulticloudError | None
+    sent_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view (the error in its wire form)."""
+        return {"ack": self.ack.to_json() if self.ack else None,
+                "error": to_wire(self.error) if self.error else None,
+                "sent_bytes": self.sent_bytes}
+
+
+class _ChunkLocks:
+    """One lock per chunk id, alive while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chunk_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(chunk_id, (asyncio.Lock(), 0))
+        self._locks[chunk_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[chunk_id]
+            if users == 1:
+                del self._locks[chunk_id]
+            else:
+                self._locks[chunk_id] = (lock, users - 1)
+
+
+class NodeService:
+    """A worker node: processing slots, a staging area, a durable chunk store, its peers."""
+
+    def __init__(self, node_id: str, location: Location, store: ChunkStore, peers: Channel,
+                 processing: ProcessingConfig | None = None, *, allow_faults: bool = True,
+                 seed: int = 0) -> None:
         self.node_id = node_id
+        self.location = location
         self.store = store
+        self.peers = peers
+        self.allow_faults = allow_faults
+        self.faults = NodeFaults(f"{seed}/{node_id}")  # each node its own, reproducible
+        self.metrics = NodeMetrics(node_id, location)
+        self.metrics.watch_store(store)
+        store.observe_fsync(self.metrics.fsync_seconds.observe)
+        self.links = LinkEmulator(0.0)
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix=f"{node_id}-io")
         self._workers: ThreadPoolExecutor | None = None
         self._chain: TransformChain | None = None
@@ -47,22 +114,155 @@ class NodeService:
         # The same chunk can be in flight twice at once (identical pieces of two files):
         # a staged blob stays until every processing of it has been released.
         self._staged_refs: dict[str, int] = {}
+        self._chunk_locks = _ChunkLocks()
+        self._ops: dict[str, Handler] = {
+            "health": self._op_health, "configure": self._op_configure,
+            "process": self._op_process, "push": self._op_push, "put": self._op_put,
+            "get": self._op_get, "has": self._op_has, "delete": self._op_delete,
+            "check": self._op_check, "inventory": self._op_inventory,
+            "usage": self._op_usage, "release": self._op_release, "fault": self._op_fault,
+        }
         self.configure(processing or ProcessingConfig())
 
-    def configure(self, processing: ProcessingConfig) -> None:
-        """Set the transform chain and the number of worker slots."""
+    @property
+    def address(self) -> NodeAddress:
+        """How peers reach this node in-process (cluster mode adds the URL)."""
+        return NodeAddress(self.node_id, self.location)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Reply:
+        """Serve one request: the one entry point of every carrier."""
+        handler = self._ops.get(request.op)
+        if handler is None:
+            known = ", ".join(sorted(self._ops))
+            raise ClusterError(f"node {self.node_id} has no operation {request.op!r} "
+                               f"(known: {known})")
+        started = time.perf_counter()
+        status = "ok"
+        try:
+            if request.op != "fault":
+                self._check_reachable(request.sender)
+            reply = await handler(request)
+            if request.op != "fault" and self.faults.crashed:
+                raise NodeUnavailable(self.node_id, "crashed before it could reply")
+            return reply
+        except MulticloudError as exc:
+            status = error_code(exc)
+            raise
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            self.metrics.request(request.op, status, time.perf_counter() - started)
+
+    def _check_reachable(self, sender: Location | None) -> None:
+        if self.faults.crashed:
+            raise NodeUnavailable(self.node_id, "connection refused (crashed)")
+        if sender is not None and self.faults.partitioned(sender.cloud, self.location.cloud):
+            raise NodeUnavailable(self.node_id, f"network partition between {sender.cloud} "
+                                                f"and {self.location.cloud}")
+
+    async def _op_health(self, request: Request) -> Reply:
+        return Reply({"id": self.node_id, "cloud": self.location.cloud,
+                      "region": self.location.region, "status": "ok"})
+
+    async def _op_configure(self, request: Request) -> Reply:
+        try:
+            processing = ProcessingConfig.model_validate(_arg(request, "processing"))
+            time_scale = float(request.meta.get("time_scale", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(f"a 'configure' request with a bad config: {exc}") from None
+        self.configure(processing, time_scale)
+        return Reply({"configured": True})
+
+    async def _op_process(self, request: Request) -> Reply:
+        data = _body(request)
+        self._count_received(request.sender, len(data))
+        try:
+            chunk = Chunk.from_json(_arg(request, "chunk"))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ClusterError(f"a 'process' request with bad chunk metadata: {exc}") from None
+        info = await self.process(chunk, data)
+        return Reply({"blob": info.to_json()})
+
+    async def _op_push(self, request: Request) -> Reply:
+        try:
+            target = NodeAddress.from_json(_arg(request, "target"))
+            link = Link.from_json(_arg(request, "link"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ClusterError(f"a 'push' request needs a valid target and link: {exc}") \
+                from None
+        result = await self.push(check_chunk_id(_arg(request, "chunk_id")),
+                                 str(_arg(request, "checksum")), target, link)
+        return Reply(result.to_json())
+
+    async def _op_put(self, request: Request) -> Reply:
+        data = _body(request)
+        self._count_received(request.sender, len(data))
+        ack = await self.write(check_chunk_id(_arg(request, "chunk_id")), data,
+                               str(_arg(request, "checksum")))
+        return Reply({"ack": ack.to_json()})
+
+    async def _op_get(self, request: Request) -> Reply:
+        blob = await self.read(check_chunk_id(_arg(request, "chunk_id")))
+        raw_link = request.meta.get("link")
+        if raw_link is not None:  # this node sends the bytes, so it emulates their link
+            link = Link.from_json(raw_link)
+            await self.links.transfer(self.node_id, link, len(blob))
+            self.metrics.sent.labels(link.dst.cloud).inc(len(blob))
+        return Reply({"size": len(blob)}, blob)
+
+    async def _op_has(self, request: Request) -> Reply:
+        return Reply({"present": self.has(check_chunk_id(_arg(request, "chunk_id")))})
+
+    async def _op_delete(self, request: Request) -> Reply:
+        return Reply({"deleted": await self.delete(check_chunk_id(_arg(request, "chunk_id")))})
+
+    async def _op_check(self, request: Request) -> Reply:
+        return Reply({"state": await self.check(check_chunk_id(_arg(request, "chunk_id")))})
+
+    async def _op_inventory(self, request: Request) -> Reply:
+        return Reply({"chunks": await self.inventory()})
+
+    async def _op_usage(self, request: Request) -> Reply:
+        chunks, nbytes = self.store.usage()
+        return Reply({"chunks": chunks, "bytes": nbytes, "disk_free": self.store.disk_free()})
+
+    async def _op_release(self, request: Request) -> Reply:
+        self.release(str(_arg(request, "chunk_id")))
+        return Reply({"released": True})
+
+    async def _op_fault(self, request: Request) -> Reply:
+        if not self.allow_faults:
+            raise ClusterError(f"node {self.node_id} does not take faults: start it with "
+                               f"--allow-faults (for tests and soaks only)")
+        try:
+            return Reply(await self.fault(str(_arg(request, "action")), request.meta))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ClusterError(f"a 'fault' request with bad arguments: {exc!r}") from None
+
+    def _count_received(self, sender: Location | None, nbytes: int) -> None:
+        self.metrics.received.labels(sender.cloud if sender else "").inc(nbytes)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def configure(self, processing: ProcessingConfig, time_scale: float | None = None) -> None:
+        """Set the transform chain, the number of worker slots and the link time scale."""
         chain = TransformChain.from_config(processing)
         old = self._workers
         self._workers = ThreadPoolExecutor(processing.max_workers_per_node,
                                            thread_name_prefix=f"{self.node_id}-worker")
         self._chain = chain
         self.max_workers = processing.max_workers_per_node
+        if time_scale is not None:
+            self.links = LinkEmulator(time_scale)
         if old is not None:
             old.shutdown(wait=False)
 
-    async def process(self, chunk: Chunk, data: bytes | memoryview) -> BlobInfo:
+    async def process(self, chunk: Chunk, data: Body) -> BlobInfo:
         """Validate and transform a chunk on a worker slot; stage the blob for distribution."""
-        if self._workers is None or self._chain is None:
+        if self._workers is None or self._chain is None:  # pragma: no cover - set in __init__
             raise RuntimeError("NodeService.configure() was not called")
         blob, info = await self._run(self._workers, self._chain.apply, chunk, data)
         self._staged.setdefault(info.chunk_id, blob)
@@ -94,6 +294,36 @@ class NodeService:
             return staged
         return await self.read(chunk_id)
 
+    async def push(self, chunk_id: str, checksum: str, target: NodeAddress,
+                   link: Link) -> PushResult:
+        """Send a staged or stored blob to target, which verifies and stores it.
+
+        Pushing to this node itself stores the staged blob in place. A failure of the
+        target (down, cut off, refusing the bytes, out of room) is the result's `error`,
+        with the bytes that left this node; a failure of this node itself is raised.
+        """
+        if target.node_id == self.node_id:
+            try:
+                return PushResult(await self.persist_staged(chunk_id, checksum), None, 0)
+            except (NodeUnavailable, StorageError) as exc:  # as target: out of room, crashed
+                if isinstance(exc, ChunkNotFound):
+                    raise  # as source: the staged blob is gone
+                return PushResult(None, exc, 0)
+        blob = await self.blob_for_push(chunk_id)
+        cloud = target.location.cloud
+        if self.faults.partitioned(self.location.cloud, cloud):
+            cut = NodeUnavailable(target.node_id, f"network partition between "
+                                                  f"{self.location.cloud} and {cloud}")
+            return PushResult(None, cut, 0)
+        await self.links.transfer(self.node_id, link, len(blob))
+        self.metrics.sent.labels(cloud).inc(len(blob))
+        put = Request("put", {"chunk_id": chunk_id, "checksum": checksum}, blob, self.location)
+        try:
+            reply = await self.peers.call(target, put)
+        except MulticloudError as exc:
+            return PushResult(None, exc, len(blob))
+        return PushResult(ReplicaAck.from_json(reply.meta["ack"]), None, len(blob))
+
     async def persist_staged(self, chunk_id: str, checksum: str | None = None) -> ReplicaAck:
         """Store this node's own staged blob (the processing node is one of the targets).
 
@@ -104,19 +334,20 @@ class NodeService:
         if blob is None:
             raise ChunkNotFound(f"chunk {chunk_id} is not staged on {self.node_id}")
         started = time.perf_counter()
+        await self._before_write()
         checksum = checksum or blob_checksum(blob)
-        await self._run(self._io, self.store.put, chunk_id, blob)
+        await self._durable_put(chunk_id, blob)
         return ReplicaAck(self.node_id, chunk_id, checksum, len(blob),
                           time.perf_counter() - started)
 
-    async def write(self, chunk_id: str, blob: bytes | memoryview,
-                    expected_checksum: str) -> ReplicaAck:
+    async def write(self, chunk_id: str, blob: Body, expected_checksum: str) -> ReplicaAck:
         """Verify a received blob against the sender's checksum, then store it durably."""
         check_chunk_id(chunk_id)
         started = time.perf_counter()
+        await self._before_write()
         await self._run(self._io, _verify_received, self.node_id, chunk_id, blob,
                         expected_checksum)
-        await self._run(self._io, self.store.put, chunk_id, blob)
+        await self._durable_put(chunk_id, blob)
         return ReplicaAck(self.node_id, chunk_id, expected_checksum, len(blob),
                           time.perf_counter() - started)
 
@@ -143,7 +374,8 @@ class NodeService:
 
     async def delete(self, chunk_id: str) -> bool:
         """Remove a stored object."""
-        return await self._run(self._io, self.store.delete, chunk_id)
+        async with self._chunk_locks.hold(chunk_id):
+            return await self._run(self._io, self.store.delete, chunk_id)
 
     async def inventory(self) -> list[str]:
         """Ids of every object the node holds."""
@@ -151,15 +383,94 @@ class NodeService:
 
     async def usage(self) -> tuple[int, int]:
         """(objects, bytes) stored."""
-        return await self._run(self._io, self.store.usage)
+        return self.store.usage()
+
+    async def fault(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Switch a fault on or off (see multicloud.node.faults); what it did, as JSON."""
+        faults = self.faults
+        if action == "crash":
+            self._crash()
+        elif action == "restart":
+            faults.crashed = False
+            await self._run(self._io, self.store.clear_temp_files)
+        elif action == "partition":
+            faults.partitions.add(frozenset((str(args["a"]), str(args["b"]))))
+        elif action == "heal":
+            faults.partitions.clear()
+        elif action == "corrupt":
+            chunk_id = check_chunk_id(args["chunk_id"])
+            size = self.store.size(chunk_id)
+            if size is None:
+                raise ChunkNotFound(f"chunk {chunk_id} is not on {self.node_id}")
+            offset = faults.rng.randrange(size)
+            await self._run(self._io, self.store.corrupt, chunk_id, offset)
+            return {"offset": offset}
+        elif action == "lose":
+            return {"lost": await self._run(self._io, self.store.delete,
+                                            check_chunk_id(args["chunk_id"]))}
+        elif action == "crash_during_write":
+            faults.crash_on_write(int(args.get("nth", 1)))
+        elif action == "disk_full":
+            self.store.quota_bytes = self.store.bytes if args.get("full", True) else None
+        elif action == "hold_writes":
+            faults.gate = WriteGate()
+        elif action == "state":
+            return {"crashed": faults.crashed, "quota_bytes": self.store.quota_bytes,
+                    "partitions": sorted(sorted(pair) for pair in faults.partitions),
+                    "held": faults.gate.held if faults.gate else 0}
+        elif action in ("wait_held", "held", "release_writes"):
+            gate = faults.gate
+            if gate is None:
+                raise ClusterError(f"node {self.node_id} holds no writes: hold_writes first")
+            if action == "wait_held":
+                await gate.arrived.wait()
+            elif action == "release_writes":
+                gate.opened.set()
+            return {"held": gate.held}
+        else:
+            raise ClusterError(f"unknown fault {action!r} for node {self.node_id}")
+        return {"ok": True}
 
     def close(self) -> None:
         """Stop the node's threads."""
-        self._staged.clear()
-        self._staged_refs.clear()
+        self.drop_staged()
         if self._workers is not None:
             self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _crash(self) -> None:
+        self.faults.crashed = True
+        self.drop_staged()
+
+    async def _before_write(self) -> None:
+        await self.faults.hold_if_gated()
+        if self.faults.crashed:
+            raise NodeUnavailable(self.node_id, "crashed while the write waited")
+        if self.faults.write_crashes_now():
+            await self._run(self._io, self.store.write_partial, "interrupted-write.partial", 1024)
+            self._crash()
+            raise NodeUnavailable(self.node_id, "crashed in the middle of a write")
+
+    async def _durable_put(self, chunk_id: str, blob: Body) -> None:
+        """store.put on an I/O thread; if the request is cancelled, undo what it created."""
+        async with self._chunk_locks.hold(chunk_id):
+            existed = self.store.exists(chunk_id)
+            write = asyncio.get_running_loop().run_in_executor(self._io, self.store.put,
+                                                               chunk_id, blob)
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # The thread cannot be stopped: let it finish, then take back an object
+                # that no caller will record (one that was already there stays).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(write)
+                    if not existed:
+                        await self._run(self._io, self.store.delete, chunk_id)
+                        log.info("%s: removed chunk %s, whose write was cancelled",
+                                 self.node_id, chunk_id[:12])
+                raise
 
     @staticmethod
     async def _run(pool: ThreadPoolExecutor, fn: Callable[P, T], *args: P.args,
@@ -168,8 +479,21 @@ class NodeService:
         return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
 
 
-def _verify_received(node_id: str, chunk_id: str, blob: bytes | memoryview,
-                     expected_checksum: str) -> None:
+def _arg(request: Request, name: str) -> Any:
+    """A required argument of the request; ClusterError (a bad request) when it is missing."""
+    try:
+        return request.meta[name]
+    except KeyError:
+        raise ClusterError(f"a {request.op!r} request needs {name!r}") from None
+
+
+def _body(request: Request) -> Body:
+    if request.body is None:
+        raise ClusterError(f"a {request.op!r} request needs a body")
+    return request.body
+
+
+def _verify_received(node_id: str, chunk_id: str, blob: Body, expected_checksum: str) -> None:
     actual = blob_checksum(blob)
     if actual != expected_checksum:
         raise IntegrityError(

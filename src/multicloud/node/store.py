@@ -3,20 +3,31 @@
 Objects live at `objects/<id[:2]>/<id[2:4]>/<id>`, where the id is the SHA-256 of the
 chunk's raw bytes. A write goes to a temp file, is fsynced, renamed over the final path,
 and the directory is fsynced, so a crash leaves either the whole object or none of it.
-The methods are blocking: nodes call them from worker threads.
+Every OSError is mapped into the exception tree here, naming the node and what it was
+doing; a full disk (or quota) is `DiskFull` and leaves no temp file behind.
+
+The store keeps its object count and bytes as it goes (one directory walk when it opens),
+so usage and metrics are exact right after a write without walking the disk again. The
+methods are blocking: nodes call them from worker threads.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from multicloud.core.errors import ChunkNotFound, InvalidChunkId, StorageError
+from multicloud.core.errors import ChunkNotFound, InvalidChunkId, storage_error
 
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+
+FsyncObserver = Callable[[float], None]
 
 
 def check_chunk_id(chunk_id: str) -> str:
@@ -29,14 +40,28 @@ def check_chunk_id(chunk_id: str) -> str:
 class ChunkStore:
     """Durable, content-addressed object files under one directory."""
 
-    def __init__(self, root: str | Path, fsync: bool = True) -> None:
+    def __init__(self, root: str | Path, fsync: bool = True, *, owner: str = "node") -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.owner = owner  # who is writing, for error messages: "node aws-node-1"
+        # Room this store may use in all, or None for whatever the disk has (a node's
+        # capacity; the disk-full fault sets it to what is stored now).
+        self.quota_bytes: int | None = None
+        self._on_fsync: FsyncObserver | None = None
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
-        self._objects.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._clear_temp_files()
+        self._lock = threading.Lock()
+        try:
+            self._objects.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self.clear_temp_files()
+            self.count, self.bytes = self._walk_usage()
+        except OSError as exc:
+            raise storage_error(exc, f"{owner} cannot open its chunk store {self.root}") from exc
+
+    def observe_fsync(self, observer: FsyncObserver) -> None:
+        """Call observer(seconds) after every fsync (a node's metrics)."""
+        self._on_fsync = observer
 
     def path_for(self, chunk_id: str) -> Path:
         """Where the object with this id lives (whether or not it exists)."""
@@ -46,29 +71,41 @@ class ChunkStore:
     def put(self, chunk_id: str, blob: bytes | memoryview) -> None:
         """Write an object durably; replaces an existing one atomically."""
         final = self.path_for(chunk_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=chunk_id[:16] + ".")
+        size = len(blob)
+        tmp_name: str | None = None
         try:
+            previous = self.size(chunk_id) or 0
+            if self.quota_bytes is not None and self.bytes - previous + size > self.quota_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device (the node's quota is used)")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=chunk_id[:16] + ".")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(blob)
                 handle.flush()
                 if self.fsync:
-                    os.fsync(handle.fileno())
+                    self._timed_fsync(handle.fileno())
             os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        if self.fsync:
-            _fsync_dir(final.parent)
+            tmp_name = None
+            if self.fsync:
+                self._fsync_dir(final.parent)
+        except OSError as exc:
+            raise storage_error(exc, f"{self.owner} cannot write chunk {chunk_id[:12]}") from exc
+        finally:
+            if tmp_name is not None:
+                Path(tmp_name).unlink(missing_ok=True)
+        with self._lock:
+            if previous == 0:
+                self.count += 1
+            self.bytes += size - previous
 
     def get(self, chunk_id: str) -> bytes:
         """The object's bytes (unverified: the caller checks them)."""
         try:
             return self.path_for(chunk_id).read_bytes()
         except FileNotFoundError:
-            raise ChunkNotFound(f"chunk {chunk_id} is not in {self.root}") from None
+            raise ChunkNotFound(f"chunk {chunk_id} is not on {self.owner}") from None
         except OSError as exc:
-            raise StorageError(f"cannot read chunk {chunk_id} in {self.root}: {exc}") from exc
+            raise storage_error(exc, f"{self.owner} cannot read chunk {chunk_id[:12]}") from exc
 
     def exists(self, chunk_id: str) -> bool:
         """Whether the object is present."""
@@ -83,10 +120,17 @@ class ChunkStore:
 
     def delete(self, chunk_id: str) -> bool:
         """Remove the object; False when it was not there."""
+        path = self.path_for(chunk_id)
         try:
-            self.path_for(chunk_id).unlink()
+            size = path.stat().st_size
+            path.unlink()
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise storage_error(exc, f"{self.owner} cannot delete chunk {chunk_id[:12]}") from exc
+        with self._lock:
+            self.count -= 1
+            self.bytes -= size
         return True
 
     def inventory(self) -> Iterator[str]:
@@ -96,7 +140,39 @@ class ChunkStore:
                 yield path.name
 
     def usage(self) -> tuple[int, int]:
-        """(object count, total bytes)."""
+        """(object count, total bytes), as kept since the store opened."""
+        with self._lock:
+            return self.count, self.bytes
+
+    def disk_free(self) -> int:
+        """Bytes this store can still write: the disk's free space, or what the quota leaves."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = 0
+        if self.quota_bytes is not None:
+            free = min(free, max(self.quota_bytes - self.bytes, 0))
+        return free
+
+    def clear_temp_files(self) -> None:
+        """Drop leftovers of writes a crash interrupted: never acknowledged, safe to drop."""
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def write_partial(self, name: str, nbytes: int) -> Path:
+        """Leave a partial temp file, as a crash in the middle of a write does (a fault)."""
+        path = self._tmp / name
+        path.write_bytes(b"\0" * nbytes)
+        return path
+
+    def corrupt(self, chunk_id: str, offset: int) -> None:
+        """Flip one byte of a stored object behind the node's back (bit rot; a fault)."""
+        path = self.path_for(chunk_id)
+        data = bytearray(path.read_bytes())
+        data[offset % len(data)] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def _walk_usage(self) -> tuple[int, int]:
         count = total = 0
         for chunk_id in self.inventory():
             size = self.size(chunk_id)
@@ -105,15 +181,16 @@ class ChunkStore:
                 total += size
         return count, total
 
-    def _clear_temp_files(self) -> None:
-        # Leftovers of writes that a crash interrupted: never acknowledged, safe to drop.
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
+    def _timed_fsync(self, fd: int) -> None:
+        started = time.perf_counter()
         os.fsync(fd)
-    finally:
-        os.close(fd)
+        if self._on_fsync is not None:
+            self._on_fsync(time.perf_counter() - started)
+
+    def _fsync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            self._timed_fsync(fd)
+        finally:
+            os.close(fd)
+

@@ -1,53 +1,43 @@
 """Stage 3, distribution: quorum writes of each chunk to its placement targets.
 
 The processing node pushes its staged blob to every target (node to node; a target that
-is the processing node itself stores in place). A chunk is committed as soon as
-`write_quorum` targets have verified and durably stored it; the remaining writes finish in
-the background (held, and awaited by `drain()`). A target that fails, times out or is
-marked unhealthy mid-write is replaced by the next placement candidate that keeps the
-cloud spread. Each attempt's timeout comes from its link's RFC 6298 estimator.
+is the processing node itself stores in place), each write through the `ReplicaWriter`.
+A chunk is committed as soon as `write_quorum` targets have verified and durably stored
+it; the remaining writes finish in the background (held, and awaited by `drain()`). A
+target that fails, times out or is marked unhealthy mid-write is replaced by the next
+placement candidate that keeps the cloud spread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from multicloud.comm.cluster import Cluster
+from multicloud.control.registry import WorkerNode
 from multicloud.core.config import DistributionConfig
 from multicloud.core.errors import (
-    ClusterError,
-    IntegrityError,
-    NodeUnavailable,
+    MulticloudError,
     QuorumNotReached,
-    StorageError,
-    TransferTimeout,
+    ReplicaRefused,
+    SourceLost,
 )
-from multicloud.core.types import (
-    BlobInfo,
-    DistributedChunk,
-    NodeStatus,
-    ProcessedChunk,
-    ReplicaAck,
-)
+from multicloud.core.types import DistributedChunk, ProcessedChunk, ReplicaAck
 from multicloud.pipeline.events import Emit, no_events
 from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement
-from multicloud.pipeline.timeouts import AdaptiveTimeouts
-
-if TYPE_CHECKING:
-    from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.pipeline.replicas import ReplicaWriter
 
 log = logging.getLogger(__name__)
 
 LateAck = Callable[[DistributedChunk, ReplicaAck], None]
 
 
-class SourceLost(ClusterError):
-    """The processing node holding a chunk's staged blob failed before quorum."""
+def _ignore_late_ack(distributed: DistributedChunk, ack: ReplicaAck) -> None:
+    """The LateAck of a coordinator used on its own: the ack is in distributed.replicas."""
 
 
 @dataclass
@@ -66,27 +56,23 @@ class _ChunkWrite:
 
 
 class DistributionCoordinator:
-    """Places replicas and runs quorum writes with replacement and adaptive timeouts."""
+    """Places replicas and runs quorum writes with replacement."""
 
-    def __init__(self, node_registry: NodeRegistry, config: DistributionConfig | None = None,
-                 metrics: PipelineMetrics | None = None,
+    def __init__(self, cluster: Cluster, config: DistributionConfig | None = None,
+                 metrics: PipelineMetrics | None = None, *,
                  placement: NetworkAwarePlacement | None = None,
-                 timeouts: AdaptiveTimeouts | None = None) -> None:
-        self.registry = node_registry
+                 writer: ReplicaWriter | None = None, on_late_ack: LateAck = _ignore_late_ack,
+                 on_event: Emit = no_events) -> None:
+        self.registry = cluster
         self.config = config or DistributionConfig()
         self.metrics = metrics or PipelineMetrics()
-        self.placement = placement or NetworkAwarePlacement(node_registry, None, self.config)
-        self.timeouts = timeouts or AdaptiveTimeouts(self.config.timeouts)
-        self.on_late_ack: LateAck | None = None
-        self.on_event: Emit = no_events
-        self.link_latencies: dict[str, list[float]] = {}  # seconds per replica write, by link
-        self.replica_writes = 0
-        self.replica_failures = 0
-        self.replacements = 0
+        self.placement = placement or NetworkAwarePlacement(cluster, None, self.config)
+        self._owns_writer = writer is None
+        self.writer = writer or ReplicaWriter(cluster, self.config, self.metrics)
+        self.on_late_ack = on_late_ack
+        self.on_event = on_event
         self._background: set[asyncio.Task[None]] = set()
-        self._attempts: dict[str, set[asyncio.Task[ReplicaAck]]] = {}
         self._limit = asyncio.Semaphore(self.config.max_concurrent_distributions)
-        self._unsubscribe = node_registry.subscribe(self._on_status_change)
 
     async def distribute(self, processed: ProcessedChunk,
                          force_cross_cloud: bool = False) -> DistributedChunk:
@@ -148,31 +134,15 @@ class DistributionCoordinator:
             f"verified replicas, write_quorum is {state.quorum} (failed targets: "
             f"{', '.join(state.failed) or 'none'})")
 
-    async def distribute_processed_chunks(self, processed: list[ProcessedChunk],
-                                          force_cross_cloud: bool = False,
-                                          ) -> list[DistributedChunk]:
-        """Distribute many chunks and wait for all their writes, quorum and the rest."""
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.distribute(p, force_cross_cloud))
-                     for p in processed if p.result is not None]
-        results = [t.result() for t in tasks]
-        await self.drain()
-        return results
-
     async def drain(self) -> None:
         """Wait for every background write to finish."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def close(self) -> None:
-        """Stop listening to node health changes."""
-        self._unsubscribe()
-
-    @property
-    def replica_success_rate(self) -> float:
-        """Verified replica writes over all write attempts."""
-        total = self.replica_writes + self.replica_failures
-        return self.replica_writes / total if total else 1.0
+        """Release the replica writer if this coordinator made it."""
+        if self._owns_writer:
+            self.writer.close()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -187,70 +157,45 @@ class DistributionCoordinator:
                 return
             src = self.registry.nodes[processed.node_id]
             dst = self.registry.nodes[node_id]
-            link = f"{src.location}->{dst.location}"
-            timeout = self.timeouts.timeout(link, blob.blob_size)
-            started = time.perf_counter()
             try:
-                ack = await self._attempt(src, dst, blob, timeout)
-            except (NodeUnavailable, TransferTimeout, IntegrityError, StorageError) as exc:
-                self.replica_failures += 1
-                if isinstance(exc, TransferTimeout):
-                    self.timeouts.backoff(link)
-                if isinstance(exc, NodeUnavailable) and exc.node_id == src.id and src.id != dst.id:
-                    state.source_lost = True
-                    state.done.set()
-                    return
-                log.warning("replica of %s on %s failed: %s", blob.chunk_id[:12], dst.id, exc)
-                self.registry.record_failure(dst.id, self.config.failure_threshold, str(exc))
-                state.failed.append(dst.id)
-                state.current.remove(dst.id)
-                node_id = self._replacement(state, force_cross_cloud)
-                if node_id is not None:
-                    state.current.append(node_id)
-                    self.replacements += 1
-                    self.on_event("replica_replaced",
-                                  f"chunk {blob.chunk_id[:12]}: {dst.id} -> {node_id} ({exc})",
-                                  level="warning", chunk_id=blob.chunk_id, failed_node=dst.id,
-                                  replacement=node_id, reason=str(exc))
-                elif len(state.acks) + self._pending(state) < state.quorum:
-                    state.done.set()
+                ack = await self.writer.write(src, dst, blob)
+            except ReplicaRefused as exc:
+                log.warning("replica of %s on %s failed: %s", blob.chunk_id[:12], dst.id,
+                            exc.cause)
+                node_id = self._replace(state, dst.id, force_cross_cloud, str(exc.cause))
                 continue
-            self.replica_writes += 1
-            self.registry.record_success(dst.id)
-            dst.used_bytes += ack.blob_size
-            if src.id != dst.id:
-                elapsed = time.perf_counter() - started
-                self.timeouts.observe(link, elapsed, blob.blob_size)
-                self.link_latencies.setdefault(link, []).append(elapsed)
+            except MulticloudError as exc:
+                log.warning("processing node %s lost chunk %s: %s", src.id, blob.chunk_id[:12],
+                            exc)
+                state.source_lost = True
+                state.done.set()
+                return
             state.acks.append(ack)
             if state.result is not None:  # quorum was reached earlier: a late ack
                 state.result.replicas.append(ack)
-                if self.on_late_ack is not None:
-                    self.on_late_ack(state.result, ack)
+                self.on_late_ack(state.result, ack)
             if len(state.acks) >= state.quorum:
                 state.done.set()
             return
 
-    async def _attempt(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo,
-                       timeout: float) -> ReplicaAck:  # noqa: ASYNC109 - per-link, adaptive
-        """One replica write, bounded by timeout and cancelled if dst is marked unhealthy."""
-        attempt = asyncio.create_task(self.registry.transport.replicate(src, dst, blob))
-        inflight = self._attempts.setdefault(dst.id, set())
-        inflight.add(attempt)
-        try:
-            async with asyncio.timeout(timeout):
-                return await attempt
-        except TimeoutError:
-            raise TransferTimeout(src.id, dst.id, timeout) from None
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we are being cancelled ourselves
-            raise NodeUnavailable(dst.id, "marked unhealthy during the write") from None
-        finally:
-            inflight.discard(attempt)
-            if not attempt.done():
-                attempt.cancel()
+    def _replace(self, state: _ChunkWrite, failed: str, force_cross_cloud: bool,
+                 reason: str) -> str | None:
+        """The node to write instead of a failed target (None: none left, or none needed)."""
+        state.failed.append(failed)
+        state.current.remove(failed)
+        replacement = self._replacement(state, force_cross_cloud)
+        blob = state.processed.result
+        assert blob is not None
+        if replacement is not None:
+            state.current.append(replacement)
+            self.metrics.replicas.replacements += 1
+            self.on_event("replica_replaced",
+                          f"chunk {blob.chunk_id[:12]}: {failed} -> {replacement} ({reason})",
+                          level="warning", chunk_id=blob.chunk_id, failed_node=failed,
+                          replacement=replacement, reason=reason)
+        elif len(state.acks) + self._pending(state) < state.quorum:
+            state.done.set()
+        return replacement
 
     def _pending(self, state: _ChunkWrite) -> int:
         acked = {a.node_id for a in state.acks}
@@ -274,13 +219,21 @@ class DistributionCoordinator:
 
     async def _release(self, src: WorkerNode, chunk_id: str) -> None:
         try:
-            await self.registry.transport.release(src, chunk_id)
-        except ClusterError as exc:  # the node is gone; so is its staging area
+            await self.registry.client.release(src, chunk_id)
+        except MulticloudError as exc:  # the node is gone; so is its staging area
             log.info("could not release staged %s on %s: %s", chunk_id[:12], src.id, exc)
 
-    def _on_status_change(self, node: WorkerNode, old: NodeStatus, reason: str) -> None:
-        if node.status is NodeStatus.UNHEALTHY:
-            # Take the node out of service at once: its in-flight writes fail now and are
-            # re-placed, instead of waiting for their timeouts.
-            for attempt in list(self._attempts.get(node.id, ())):
-                attempt.cancel()
+    async def distribute_processed_chunks(self, processed: list[ProcessedChunk],
+                                          force_cross_cloud: bool = False,
+                                          ) -> list[DistributedChunk]:
+        """Distribute many chunks and wait for all their writes, quorum and the rest.
+
+        The stage on its own, for callers that hold processed chunks: the same
+        `distribute` that `multicloud run` streams every chunk through.
+        """
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.distribute(p, force_cross_cloud))
+                     for p in processed if p.result is not None]
+        results = [t.result() for t in tasks]
+        await self.drain()
+        return results

@@ -160,6 +160,10 @@ class DataIngestionEngine:
         self.default_cloud = default_cloud or cluster_default
         self.stats = IngestionStats()
 
+    def reset(self) -> None:
+        """Count a new run from zero."""
+        self.stats = IngestionStats()
+
     def resolve(self, source: str | Path | dict[str, Any]) -> tuple[str, str]:
         """(data source, source cloud) from a path or a batch_config dict."""
         if isinstance(source, dict):

@@ -49,17 +49,39 @@ class StageCounters:
         return self.succeeded / self.attempted if self.attempted else 1.0
 
 
+@dataclass
+class ReplicaStats:
+    """Replica writes of one run, by outcome, and how long they took per link."""
+
+    writes: int = 0  # verified and durable
+    failures: int = 0
+    replacements: int = 0  # a failed target's write moved to another node
+    link_latencies: dict[str, list[float]] = field(default_factory=dict)  # seconds, by link
+
+    @property
+    def success_rate(self) -> float:
+        """Verified replica writes over all write attempts."""
+        total = self.writes + self.failures
+        return self.writes / total if total else 1.0
+
+
 class PipelineMetrics:
     """Counters and timers for one pipeline run, summarised as a plain dict."""
 
     def __init__(self) -> None:
-        self.stages: dict[str, StageCounters] = {s: StageCounters() for s in STAGES}
-        self.extra: dict[str, dict[str, Any]] = {s: {} for s in STAGES}
-        self.top: dict[str, Any] = {"node_failures_handled": 0}
+        self.stages: dict[str, StageCounters] = {}
+        self.replicas = ReplicaStats()
+        self.started = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting a new run (the stages keep this object; its contents are new)."""
+        self.stages = {s: StageCounters() for s in STAGES}
+        self.replicas = ReplicaStats()
         self.started = time.perf_counter()
 
     def record_stage(self, stage: str, count: int) -> None:
-        """Note how many items a stage handed on (the request's API)."""
+        """Note how many items a stage handed on (a count users can set themselves)."""
         self.stages[stage].recorded = count
 
     def attempt(self, stage: str) -> None:
@@ -118,8 +140,6 @@ class PipelineMetrics:
                 entry["latency_p50_s"] = percentile(c.latencies, 50)
                 entry["latency_p95_s"] = percentile(c.latencies, 95)
                 entry["latency_p99_s"] = percentile(c.latencies, 99)
-            entry.update(self.extra[name])
             summary[name] = entry
-        summary.update(self.top)
         summary["stage_breakdown_s"] = {k: round(v, 6) for k, v in breakdown.items()}
         return summary

@@ -4,6 +4,11 @@ The raw bytes go out once, from the source bucket to a node in the same cloud (d
 locality, no egress). The node is the chunk's first rendezvous choice in that cloud, so it
 is usually also one of the chunk's replica targets and stores its copy without a network
 hop; when that node's worker slots are all busy, the least-loaded node of the cloud takes it.
+
+`on_nodes` is the one retry loop of the pipeline: it runs an attempt on the best node for
+a chunk and, when that node fails (it is down, or lost the chunk before quorum), on the
+next one. `multicloud run` runs processing and distribution inside it; `process_one` runs
+processing alone.
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from multicloud.comm.cluster import Cluster
+from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.errors import (
     ClusterError,
     InsufficientNodes,
     MulticloudError,
     NodeUnavailable,
+    SourceLost,
     StorageError,
     ValidationFailed,
 )
@@ -30,29 +39,32 @@ from multicloud.pipeline.ingestion import read_chunk_bytes
 from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import rank_nodes
 
-if TYPE_CHECKING:
-    from multicloud.control.registry import NodeRegistry, WorkerNode
-
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What makes a chunk move to another node: the node is gone, failed on its disk, or lost
+# the staged blob before the chunk reached quorum.
+NODE_FAILURES = (NodeUnavailable, StorageError, SourceLost)
 
 
 class ProcessingWorkerPool:
     """Runs the transform chain for chunks on the worker slots of the cluster's nodes."""
 
-    def __init__(self, node_registry: NodeRegistry, config: ProcessingConfig | None = None,
-                 metrics: PipelineMetrics | None = None) -> None:
-        self.registry = node_registry
+    def __init__(self, cluster: Cluster, config: ProcessingConfig | None = None,
+                 metrics: PipelineMetrics | None = None, *,
+                 on_event: Emit = no_events) -> None:
+        self.registry = cluster
         self.config = config or ProcessingConfig()
         self.metrics = metrics or PipelineMetrics()
+        self.on_event = on_event
         self._load: Counter[str] = Counter()
-        self.on_event: Emit = no_events
         self._configured = False
 
     async def configure_nodes(self) -> None:
-        """Hand the transform chain and slot count to every node (once per pool)."""
-        if not self._configured:
-            await self.registry.transport.configure(self.config)
-            self._configured = True
+        """Hand the transform chain and slot count to every node in service."""
+        await self.registry.configure(self.config)
+        self._configured = True
 
     def origin_of(self, cloud: str) -> Location:
         """Where a source bucket of this cloud lives: the cloud's first region."""
@@ -74,55 +86,68 @@ class ProcessingWorkerPool:
                 return node
         return min(ranked, key=lambda n: self._load[n.id])
 
-    async def process_one(self, chunk: Chunk, exclude: set[str] | None = None) -> ProcessedChunk:
-        """Process one chunk, moving to another node when one fails.
+    async def on_nodes(self, chunk: Chunk, attempt: Callable[[WorkerNode], Awaitable[T]]) -> T:
+        """attempt(node) on the best node for chunk, then the next while nodes fail.
 
-        Bad data is not an exception: the result has `result=None` and the error. Running
-        out of nodes or attempts raises ClusterError.
+        Gives up with ClusterError after `max_attempts` nodes have failed it.
         """
-        await self.configure_nodes()
-        tried: set[str] = set(exclude or ())
-        self.metrics.attempt("processing")
+        tried: set[str] = set()
         last_error = "not attempted"
-        for _attempt in range(self.config.max_attempts):
+        for _ in range(self.config.max_attempts):
             node = self.choose_node(chunk, tried)
-            started = time.perf_counter()
-            self._load[node.id] += 1
             try:
-                with self.metrics.busy("processing"):
-                    data = await read_chunk_bytes(chunk)
-                    info = await self.registry.transport.process(
-                        node, chunk, data, self.origin_of(chunk.source_cloud))
-            except ValidationFailed as exc:
-                self.metrics.failure("processing")
-                self.on_event("chunk_failed", str(exc), level="error", file=chunk.file,
-                              index=chunk.index, chunk_id=chunk.chunk_id, stage="processing",
-                              error=str(exc))
-                return ProcessedChunk(chunk, node.id, None, time.perf_counter() - started,
-                                      error=str(exc))
-            except (NodeUnavailable, StorageError, ClusterError) as exc:
+                return await attempt(node)
+            except NODE_FAILURES as exc:
                 last_error = str(exc)
                 tried.add(node.id)
-                log.warning("processing chunk %s on %s failed: %s", chunk.chunk_id[:12],
-                            node.id, exc)
-                continue
-            finally:
-                self._load[node.id] -= 1
-            latency = time.perf_counter() - started
-            self.metrics.success("processing", chunk.size_bytes, latency)
-            return ProcessedChunk(chunk, node.id, info, latency)
+                log.warning("chunk %s on %s failed: %s; trying another node",
+                            chunk.chunk_id[:12], node.id, exc)
         self.metrics.failure("processing")
         self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: {last_error}",
                       level="error", file=chunk.file, index=chunk.index,
                       chunk_id=chunk.chunk_id, stage="processing", error=last_error)
-        raise ClusterError(f"chunk {chunk.index} of {chunk.file}: processing gave up after "
-                           f"{self.config.max_attempts} attempts; last error: {last_error}")
+        raise ClusterError(f"chunk {chunk.index} of {chunk.file}: gave up after "
+                           f"{len(tried)} nodes failed it; last error: {last_error}")
+
+    async def process_on(self, node: WorkerNode, chunk: Chunk) -> ProcessedChunk:
+        """Process one chunk on node: one attempt.
+
+        Bad data is not an exception: the result has `result=None` and the error. A node
+        that fails raises (see NODE_FAILURES).
+        """
+        started = time.perf_counter()
+        self._load[node.id] += 1
+        try:
+            with self.metrics.busy("processing"):
+                data = await read_chunk_bytes(chunk)
+                info = await self.registry.client.process(
+                    node, chunk, data, self.origin_of(chunk.source_cloud))
+        except ValidationFailed as exc:
+            self.metrics.failure("processing")
+            self.on_event("chunk_failed", str(exc), level="error", file=chunk.file,
+                          index=chunk.index, chunk_id=chunk.chunk_id, stage="processing",
+                          error=str(exc))
+            return ProcessedChunk(chunk, node.id, None, time.perf_counter() - started,
+                                  error=str(exc))
+        finally:
+            self._load[node.id] -= 1
+        latency = time.perf_counter() - started
+        self.metrics.success("processing", chunk.size_bytes, latency)
+        return ProcessedChunk(chunk, node.id, info, latency)
+
+    async def process_one(self, chunk: Chunk) -> ProcessedChunk:
+        """Process one chunk, moving to another node when one fails."""
+        if not self._configured:
+            await self.configure_nodes()
+        self.metrics.attempt("processing")
+        return await self.on_nodes(chunk, lambda node: self.process_on(node, chunk))
 
     async def process_chunks(self, chunks: list[Chunk]) -> list[ProcessedChunk]:
         """Process many chunks concurrently (bounded by the cluster's slots), in order."""
         if not chunks:
             return []
-        await self.configure_nodes()
+        if not self._configured:
+            await self.configure_nodes()
         limit = asyncio.Semaphore(self.config.max_workers_per_node
                                   * max(1, len(self.registry.healthy_nodes())))
 

@@ -15,9 +15,9 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from multicloud.blob.transforms import decode_blob
+from multicloud.blob import decode_blob
+from multicloud.comm.cluster import Cluster
 from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
@@ -31,9 +31,6 @@ from multicloud.core.types import FileEntry, ReplicaProblem, RestoreReport, Veri
 from multicloud.pipeline.ingestion import file_digest
 from multicloud.pipeline.manifest import ChunkRecord, Manifest
 
-if TYPE_CHECKING:
-    from multicloud.control.registry import NodeRegistry
-
 log = logging.getLogger(__name__)
 
 _FILES_AT_ONCE = 4
@@ -43,7 +40,7 @@ _CHECKS_AT_ONCE = 16
 class BatchRestorer:
     """Restores and verifies the batches recorded in a manifest."""
 
-    def __init__(self, node_registry: NodeRegistry, manifest: Manifest,
+    def __init__(self, node_registry: Cluster, manifest: Manifest,
                  key: bytes | None = None, location: Location | None = None) -> None:
         self.registry = node_registry
         self.manifest = manifest
@@ -123,7 +120,7 @@ class BatchRestorer:
             if node is None:
                 continue
             try:
-                blob = await self.registry.transport.read(node, record.chunk_id, self.location)
+                blob = await self.registry.client.read(node, record.chunk_id, self.location)
                 return await asyncio.to_thread(decode_blob, blob, self.key, record.chunk_id)
             except ChunkNotFound as exc:
                 problem = ReplicaProblem(record.chunk_id, node_id, "missing", str(exc))
@@ -181,7 +178,7 @@ class BatchRestorer:
         if node is None:
             return ReplicaProblem(chunk_id, node_id, "unavailable", "node is not in the cluster")
         try:
-            state = await self.registry.transport.check(node, chunk_id)
+            state = await self.registry.client.check(node, chunk_id)
         except (ClusterError, StorageError) as exc:
             return ReplicaProblem(chunk_id, node_id, "unavailable", str(exc))
         if state == "ok":

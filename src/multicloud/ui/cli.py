@@ -19,10 +19,10 @@ from typing import Any
 from rich.console import Console
 
 from multicloud.cluster.local import create_local_cluster
-from multicloud.control.registry import NodeRegistry
+from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import TOKEN_ENV, resolve_token
 from multicloud.core.config import PipelineConfig, load_config
-from multicloud.core.errors import MulticloudError
+from multicloud.core.errors import MulticloudError, UsageError
 from multicloud.core.types import PipelineResult
 from multicloud.core.units import format_bytes, parse_size
 from multicloud.pipeline.storage import MANIFEST_FILE
@@ -32,10 +32,6 @@ from multicloud.ui.render import node_table, print_summary, run_with_progress
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_LOG_FILE = "logs/pipeline.log"  # as multicloud.ui.logger
 DEFAULT_DATA_DIR = ".multicloud"
-
-
-class CliError(MulticloudError):
-    """A problem with the command line itself."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _open(args: argparse.Namespace,
-                read_only: bool = False) -> tuple[PipelineConfig, NodeRegistry]:
+                read_only: bool = False) -> tuple[PipelineConfig, Cluster]:
     """The config, and the cluster: embedded under the data dir, or running at --cluster.
 
     read_only: the command only reads, so the embedded cluster's membership is not changed.
@@ -208,7 +204,7 @@ async def _open(args: argparse.Namespace,
 
 def _require_manifest(args: argparse.Namespace) -> None:
     if not (args.data_dir / MANIFEST_FILE).exists():
-        raise CliError(f"no pipeline has run with data dir {args.data_dir} yet: "
+        raise UsageError(f"no pipeline has run with data dir {args.data_dir} yet: "
                        f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
 
 
@@ -251,11 +247,11 @@ async def cmd_node(args: argparse.Namespace) -> int:
 
     config = load_config(args.config_dir)
     if not args.cloud:
-        raise CliError("a node needs a cloud: pass --cloud aws or set CLOUD_PROVIDER")
+        raise UsageError("a node needs a cloud: pass --cloud aws or set CLOUD_PROVIDER")
     regions = config.cluster.regions.get(args.cloud)
     region = args.region or (regions[0] if regions else None)
     if region is None:
-        raise CliError(f"cloud {args.cloud!r} has no regions in cluster_config.yml "
+        raise UsageError(f"cloud {args.cloud!r} has no regions in cluster_config.yml "
                        f"(known: {', '.join(sorted(config.cluster.regions))}); pass --region")
     service = config.cluster.service
     token = resolve_token(args.token_file, args.data_dir)
@@ -305,7 +301,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     logger = PipelineLogger(args.log_file)
     logger.attach(orchestrator)
     token = resolve_token(args.token_file, args.data_dir) if args.cluster else None
-    server = MetricsServer(orchestrator, host=config.cluster.service.host,
+    server = MetricsServer(orchestrator.live, host=config.cluster.service.host,
                            port=args.metrics_port, token=token)
     console = Console(stderr=True)
     ready: Path | None = None
@@ -374,7 +370,7 @@ def _parse_nodes(text: str) -> dict[str, int]:
     for part in text.split(","):
         cloud, _, count = part.partition("=")
         if not cloud.strip() or not count.strip().isdigit():
-            raise CliError(f"--nodes {text!r}: expected cloud=count pairs, e.g. aws=3,gcp=3")
+            raise UsageError(f"--nodes {text!r}: expected cloud=count pairs, e.g. aws=3,gcp=3")
         nodes[cloud.strip()] = int(count)
     return nodes
 

@@ -28,6 +28,7 @@ from multicloud.core.units import format_bytes
 if TYPE_CHECKING:
     from multicloud.core.types import PipelineResult
     from multicloud.pipeline.events import PipelineEvent
+    from multicloud.run.live import LiveSnapshot, LiveView
     from multicloud.run.orchestrator import PipelineOrchestrator
 
 __all__ = [
@@ -70,28 +71,21 @@ class DashboardView:
     unhealthy_nodes: int | None = None
 
     @classmethod
-    def from_orchestrator(cls, orch: PipelineOrchestrator,
-                          max_events: int = MAX_EVENTS) -> DashboardView:
-        """Snapshot a live orchestrator (in-memory attributes only: cheap to call often)."""
-        stages = orch.metrics.stages
-        committed = orch.committed_bytes
-        recent = list(orch.bus.recent)[-max_events:] if max_events > 0 else []
+    def from_snapshot(cls, snap: LiveSnapshot, max_events: int = MAX_EVENTS) -> DashboardView:
+        """A view of a live run (in-memory state only: cheap to call often)."""
+        recent = snap.events[-max_events:] if max_events > 0 else ()
         return cls(
-            status=str(orch.pipeline_status.value),
-            batch_id=orch.current_batch,
-            stage=orch.current_stage,
-            progress_percent=orch.progress_percent,
-            elapsed_s=orch.elapsed_seconds,
-            throughput_mb_s=orch.current_throughput,
-            eta_s=orch.eta_seconds,
-            total_bytes=orch.total_bytes,
-            # Distribution and storage finish a chunk together, at its commit.
-            stage_bytes={"ingestion": stages["ingestion"].bytes,
-                         "processing": stages["processing"].bytes,
-                         "distribution": committed, "storage": committed},
+            status=str(snap.status.value),
+            batch_id=snap.batch_id,
+            stage=snap.stage,
+            progress_percent=snap.progress_percent,
+            elapsed_s=snap.elapsed_seconds,
+            throughput_mb_s=snap.throughput_mb_s,
+            eta_s=snap.eta_seconds,
+            total_bytes=snap.total_bytes,
+            stage_bytes=snap.stage_bytes,
             nodes=[{"id": n.id, "cloud": n.cloud, "region": n.region,
-                    "status": n.status.value}
-                   for n in orch.node_registry.nodes.values()],
+                    "status": "healthy" if n.healthy else "unhealthy"} for n in snap.nodes],
             events=[_event_dict(e) for e in recent],
         )
 
@@ -142,8 +136,9 @@ class StatusDashboard:
         self.clock = clock  # wall clock for the ETA's time of day; injectable for tests
 
     def display_pipeline_status(self, orchestrator: PipelineOrchestrator) -> RenderableType:
-        """The request's method: the current status of a live orchestrator, as a renderable."""
-        return self.render(DashboardView.from_orchestrator(orchestrator, self.max_events))
+        """The current status of a live orchestrator, as a renderable."""
+        return self.render(DashboardView.from_snapshot(orchestrator.live.snapshot(),
+                                                       self.max_events))
 
     def render(self, view: DashboardView) -> RenderableType:
         """The panel: header, a bar per stage, nodes by cloud, the latest events."""
@@ -184,7 +179,7 @@ async def run_with_dashboard(orchestrator: PipelineOrchestrator, batch_config: d
             last_drawn = time.monotonic()
             live.update(board.display_pipeline_status(orchestrator), refresh=True)
 
-        def on_progress(_: PipelineOrchestrator) -> None:
+        def on_progress(_: LiveView) -> None:
             if time.monotonic() - last_drawn >= period:
                 wake.set()
 

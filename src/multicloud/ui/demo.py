@@ -26,13 +26,15 @@ from rich.table import Table
 from multicloud.cluster.launcher import cluster_down, cluster_up
 from multicloud.cluster.local import create_local_cluster
 from multicloud.cluster.remote import connect_cluster
-from multicloud.control.registry import NodeRegistry, WorkerNode
+from multicloud.comm.cluster import Cluster
+from multicloud.control.registry import WorkerNode
 from multicloud.core.auth import resolve_token
 from multicloud.core.config import PipelineConfig, load_config
 from multicloud.core.errors import MulticloudError
 from multicloud.core.types import NodeStatus, PipelineResult
 from multicloud.core.units import format_bytes
 from multicloud.datagen import generate_dataset
+from multicloud.run.live import LiveView
 from multicloud.run.orchestrator import PipelineOrchestrator
 from multicloud.ui.render import node_table, print_summary, run_with_progress
 
@@ -94,7 +96,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
 
 
 async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
-                 registry: NodeRegistry, source: Path, pids: dict[str, int]) -> bool:
+                 registry: Cluster, source: Path, pids: dict[str, int]) -> bool:
     mode = ("the running cluster at " + options.registry_url if options.registry_url else
             "real processes over HTTP" if options.cluster_mode else "embedded cluster")
     out.print(Rule(f"Multi-Cloud Data Pipeline Orchestrator Demo ({mode})"))
@@ -128,7 +130,7 @@ async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
 
 
 async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
-                       registry: NodeRegistry, source: Path, options: DemoOptions,
+                       registry: Cluster, source: Path, options: DemoOptions,
                        pids: dict[str, int]) -> PipelineResult:
     victim = _choose_victim(registry, orchestrator.config, options.victim)
     if victim is None:
@@ -138,7 +140,7 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
                                                       "data_source": str(source)})
     failed_at: list[float] = []
 
-    def fail(orch: PipelineOrchestrator) -> None:
+    def fail(orch: LiveView) -> None:
         if failed_at or orch.progress_percent < FAIL_AT_PERCENT:
             return
         failed_at.append(time.time())
@@ -199,7 +201,7 @@ async def _prove(out: Console, orchestrator: PipelineOrchestrator, source: Path,
     return ok and same
 
 
-def _choose_victim(registry: NodeRegistry, config: PipelineConfig,
+def _choose_victim(registry: Cluster, config: PipelineConfig,
                    preferred: str) -> WorkerNode | None:
     """A node whose loss still leaves enough nodes and clouds for the policy."""
     dist = config.distribution

@@ -11,13 +11,10 @@ import logging
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 from multicloud.core.config import PipelineConfig
 from multicloud.core.types import PipelineResult
-
-if TYPE_CHECKING:
-    from multicloud.ui.profiler import PerformanceProfiler
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +107,9 @@ class Measures:
     source_nodes: int
 
     @classmethod
-    def of(cls, profiler: PerformanceProfiler, config: PipelineConfig) -> Measures:
-        runs = profiler.runs
+    def of(cls, runs: list[RunRecord], cores: int, busy: dict[str, float],
+           config: PipelineConfig) -> Measures:
+        """The means over runs (busy: each stage's mean busy seconds)."""
 
         def mean(*path: str) -> float:
             values = []
@@ -132,9 +130,9 @@ class Measures:
                      config.cluster.default_source_cloud)
         specs = config.cluster.node_specs()
         return cls(
-            config=config, cores=profiler.cores,
+            config=config, cores=cores,
             duration_s=statistics.fmean(r.duration_s for r in runs),
-            busy={s: v["mean_s"] for s, v in profiler.stage_breakdown().items()},
+            busy=busy,
             chunks=statistics.fmean(r.chunks for r in runs),
             raw_bytes=statistics.fmean(r.bytes for r in runs),
             blob_bytes=mean("distribution", "bytes"),

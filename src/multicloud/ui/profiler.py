@@ -68,13 +68,13 @@ class PerformanceProfiler:
 
         Use this or `record_run` for a run, not both: each adds the run once.
         """
+        live = orchestrator.live
         breakdown = orchestrator.metrics.get_stage_breakdown()
-        status = orchestrator.pipeline_status.value
+        status = live.status.value
         self.records.append(RunRecord(
-            orchestrator.current_batch or "", "success" if status == "completed" else status,
-            orchestrator.elapsed_seconds, orchestrator.committed_bytes,
-            orchestrator.committed_chunks, {s: breakdown.get(s, 0.0) for s in STAGES},
-            list(orchestrator.timeline)))
+            live.batch_id or "", "success" if status == "completed" else status,
+            live.elapsed_seconds, live.committed_bytes, live.committed_chunks,
+            {s: breakdown.get(s, 0.0) for s in STAGES}, list(live.timeline)))
         return self.generate_report()
 
     @property
@@ -104,7 +104,8 @@ class PerformanceProfiler:
         """Config changes for the bottleneck stages, largest share first, one per key."""
         if not self.runs:
             return []
-        m = Measures.of(self, config or self.config)
+        busy = {s: v["mean_s"] for s, v in self.stage_breakdown().items()}
+        m = Measures.of(self.runs, self.cores, busy, config or self.config)
         found: list[Recommendation] = []
         for bottleneck in self.bottlenecks:
             found.extend(RULES[bottleneck.stage](m, bottleneck))

@@ -1,7 +1,7 @@
 """Prometheus metrics and the status endpoint of an orchestrator, built when scraped.
 
-`OrchestratorCollector` reads the orchestrator's live state (its `PipelineMetrics`, the
-distribution coordinator, the traffic ledger, the node registry) only when Prometheus
+`OrchestratorCollector` reads the orchestrator's live view (one `LiveSnapshot`: stage
+counters, replica writes, traffic per link, node health, progress) only when Prometheus
 scrapes, so the data path pays nothing for being watched. `MetricsServer` serves it on
 `GET /metrics` and a JSON snapshot for `multicloud status` on `GET /status`.
 
@@ -34,7 +34,7 @@ import asyncio
 import bisect
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -53,10 +52,11 @@ from prometheus_client.registry import Collector
 
 from multicloud.core.auth import auth_header, auth_middleware
 from multicloud.core.errors import ConfigError
+from multicloud.core.exposition import metrics_response
 from multicloud.core.runfiles import ready_file
 
 if TYPE_CHECKING:
-    from multicloud.run.orchestrator import PipelineOrchestrator
+    from multicloud.run.live import LiveSnapshot, LiveView
 
 log = logging.getLogger(__name__)
 
@@ -128,51 +128,29 @@ class _Histograms:
         self._used = set()
 
 
-class CallbackCollector(Collector):
-    """A prometheus_client collector that calls a function at scrape time.
-
-    For servers whose few metrics are easiest to write as one function (a node, the
-    registry): register it on a private `CollectorRegistry`.
-    """
-
-    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        self._collect = collect
-
-    def collect(self) -> Iterable[Metric]:
-        """The metrics, as of now."""
-        return self._collect()
-
-
-def metrics_response(registry: CollectorRegistry) -> web.Response:
-    """A `/metrics` reply: registry rendered in the Prometheus text format 0.0.4."""
-    return web.Response(body=generate_latest(registry),
-                        headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
-                                 "X-Content-Type-Options": "nosniff"})
-
-
 class OrchestratorCollector(Collector):
-    """Turns an orchestrator's live state into Prometheus metric families, per scrape.
+    """Turns an orchestrator's live view into Prometheus metric families, per scrape.
 
     The metrics server scrapes on the event loop that runs the pipeline, so it reads
     consistent state; a scrape costs the latency samples added since the last one plus a
     few dozen series, well under a millisecond.
     """
 
-    def __init__(self, orchestrator: PipelineOrchestrator) -> None:
-        self.orchestrator = orchestrator
+    def __init__(self, live: LiveView) -> None:
+        self.live = live
         self._histograms = _Histograms()
 
     def collect(self) -> Iterator[Metric]:
         """Every multicloud_ series of the orchestrator."""
-        yield from self._stages()
-        yield from self._replicas()
-        yield from self._links()
-        yield from self._nodes()
-        yield from self._pipeline()
+        snap = self.live.snapshot()
+        yield from self._stages(snap)
+        yield from self._replicas(snap)
+        yield from self._links(snap)
+        yield from self._nodes(snap)
+        yield from self._pipeline(snap)
         self._histograms.forget_unused()
 
-    def _stages(self) -> Iterator[Metric]:
-        metrics = self.orchestrator.metrics  # replaced by every run: read it each scrape
+    def _stages(self, snap: LiveSnapshot) -> Iterator[Metric]:
         chunks = CounterMetricFamily("multicloud_stage_chunks",
                                      "Chunks that left a stage, by outcome.",
                                      labels=["stage", "outcome"])
@@ -185,82 +163,75 @@ class OrchestratorCollector(Collector):
         latency = HistogramMetricFamily("multicloud_stage_latency_seconds",
                                         "Seconds one chunk spent in the stage.",
                                         labels=["stage"])
-        breakdown = metrics.get_stage_breakdown()
-        for stage, counters in metrics.stages.items():
+        for stage, counters in snap.stages.items():
             chunks.add_metric([stage, "succeeded"], counters.succeeded)
             chunks.add_metric([stage, "failed"], counters.failed)
             nbytes.add_metric([stage], counters.bytes)
-            busy.add_metric([stage], breakdown[stage])
+            busy.add_metric([stage], snap.stage_breakdown[stage])
             buckets, total = self._histograms.observe(("stage", stage), counters.latencies)
             latency.add_metric([stage], buckets, total)
         yield from (chunks, nbytes, busy, latency)
 
-    def _replicas(self) -> Iterator[Metric]:
-        dist = self.orchestrator.distribution_coordinator
+    def _replicas(self, snap: LiveSnapshot) -> Iterator[Metric]:
         writes = CounterMetricFamily(
             "multicloud_replica_writes",
             "Replica writes: ok (verified), failed, replaced (re-placed on another node).",
             labels=["outcome"])
-        writes.add_metric(["ok"], dist.replica_writes)
-        writes.add_metric(["failed"], dist.replica_failures)
-        writes.add_metric(["replaced"], dist.replacements)
+        writes.add_metric(["ok"], snap.replicas.writes)
+        writes.add_metric(["failed"], snap.replicas.failures)
+        writes.add_metric(["replaced"], snap.replicas.replacements)
         yield writes
 
-    def _links(self) -> Iterator[Metric]:
-        dist = self.orchestrator.distribution_coordinator
-        traffic = self.orchestrator.node_registry.transport.ledger.snapshot()
+    def _links(self, snap: LiveSnapshot) -> Iterator[Metric]:
         nbytes = CounterMetricFamily("multicloud_link_bytes", "Bytes moved over a link.",
                                      labels=["link", "cross_cloud"])
         transfers = CounterMetricFamily("multicloud_link_transfers",
                                         "Transfers over a link.", labels=["link"])
         egress = CounterMetricFamily("multicloud_link_egress_usd",
                                      "Egress dollars charged for a link.", labels=["link"])
-        for name, link in sorted(traffic.items()):
+        for name, link in sorted(snap.links.items()):
             nbytes.add_metric([name, "true" if link.cross_cloud else "false"], link.bytes)
             transfers.add_metric([name], link.transfers)
             egress.add_metric([name], link.egress_usd)
         latency = HistogramMetricFamily("multicloud_link_latency_seconds",
                                         "Seconds one replica write took over a link.",
                                         labels=["link"])
-        for name, seconds in sorted(dist.link_latencies.items()):
+        for name, seconds in sorted(snap.replicas.link_latencies.items()):
             buckets, total = self._histograms.observe(("link", name), seconds)
             latency.add_metric([name], buckets, total)
         rto = GaugeMetricFamily("multicloud_link_rto_seconds_per_mib",
                                 "The link's adaptive retransmission timeout, seconds per MiB.",
                                 labels=["link"])
-        for name, estimate in dist.timeouts.snapshot().items():
+        for name, estimate in snap.link_rto.items():
             rto.add_metric([name], estimate["rto_s_per_mib"])
         yield from (nbytes, transfers, egress, latency, rto)
 
-    def _nodes(self) -> Iterator[Metric]:
+    def _nodes(self, snap: LiveSnapshot) -> Iterator[Metric]:
         up = GaugeMetricFamily("multicloud_node_up", "Whether a node is in service (1) or not.",
                                labels=["node", "cloud", "region"])
-        for node_id, node in sorted(self.orchestrator.node_registry.nodes.items()):
-            up.add_metric([node_id, node.cloud, node.region], 1 if node.healthy else 0)
+        for node in snap.nodes:
+            up.add_metric([node.id, node.cloud, node.region], 1 if node.healthy else 0)
         yield up
 
-    def _pipeline(self) -> Iterator[Metric]:
-        orch = self.orchestrator
+    def _pipeline(self, snap: LiveSnapshot) -> Iterator[Metric]:
         yield GaugeMetricFamily("multicloud_pipeline_progress_ratio",
                                 "Share of the batch's bytes committed, 0-1.",
-                                value=orch.progress_percent / 100)
+                                value=snap.progress_percent / 100)
         yield GaugeMetricFamily("multicloud_pipeline_throughput_mb_s",
                                 "Committed MB (10^6 bytes) per second of the current run.",
-                                value=orch.current_throughput)
+                                value=snap.throughput_mb_s)
         info = GaugeMetricFamily("multicloud_pipeline_info",
                                  "The current (or last) batch, status and stage; always 1.",
                                  labels=["batch_id", "status", "stage"])
-        info.add_metric([orch.current_batch or "", orch.pipeline_status.value,
-                         orch.current_stage or ""], 1)
+        info.add_metric([snap.batch_id or "", snap.status.value, snap.stage or ""], 1)
         yield info
         yield CounterMetricFamily("multicloud_node_failures_handled",
                                   "Nodes that failed during the run and were worked around.",
-                                  value=orch.node_failures_handled)
+                                  value=snap.node_failures_handled)
 
 
-def status_snapshot(orchestrator: PipelineOrchestrator,
-                    events: int = STATUS_EVENTS) -> dict[str, Any]:
-    """The orchestrator's live view as a JSON-ready dict (the `/status` reply).
+def status_snapshot(snap: LiveSnapshot, events: int = STATUS_EVENTS) -> dict[str, Any]:
+    """A live snapshot as a JSON-ready dict (the `/status` reply).
 
     Shape::
 
@@ -282,44 +253,38 @@ def status_snapshot(orchestrator: PipelineOrchestrator,
     The dashboard renders the same dict, so a local run and `multicloud status` against
     a remote one look alike.
     """
-    orch = orchestrator
     by_cloud: dict[str, dict[str, int]] = {}
     unhealthy: list[str] = []
-    for node_id, node in sorted(orch.node_registry.nodes.items()):
+    for node in snap.nodes:
         counts = by_cloud.setdefault(node.cloud, {"healthy": 0, "unhealthy": 0})
         counts["healthy" if node.healthy else "unhealthy"] += 1
         if not node.healthy:
-            unhealthy.append(node_id)
-    breakdown = orch.metrics.get_stage_breakdown()
+            unhealthy.append(node.id)
     stages = {
         name: {"attempted": c.attempted, "succeeded": c.succeeded, "failed": c.failed,
-               "bytes": c.bytes, "busy_seconds": round(breakdown[name], 6)}
-        for name, c in orch.metrics.stages.items()
+               "bytes": c.bytes, "busy_seconds": round(snap.stage_breakdown[name], 6)}
+        for name, c in snap.stages.items()
     }
-    eta = orch.eta_seconds
-    recent = orch.events[-events:] if events > 0 else []
+    recent = snap.events[-events:] if events > 0 else ()
+    eta = snap.eta_seconds
     return {
-        "status": orch.pipeline_status.value,
-        "batch_id": orch.current_batch,
-        "stage": orch.current_stage,
-        "progress_percent": orch.progress_percent,
-        "committed_bytes": orch.committed_bytes,
-        "total_bytes": orch.total_bytes,
-        "committed_chunks": orch.committed_chunks,
-        "healthy_nodes": len(orch.node_registry.nodes) - len(unhealthy),
+        "status": snap.status.value,
+        "batch_id": snap.batch_id,
+        "stage": snap.stage,
+        "progress_percent": snap.progress_percent,
+        "committed_bytes": snap.committed_bytes,
+        "total_bytes": snap.total_bytes,
+        "committed_chunks": snap.committed_chunks,
+        "healthy_nodes": len(snap.nodes) - len(unhealthy),
         "unhealthy_nodes": len(unhealthy),
         "nodes_by_cloud": by_cloud,
         "unhealthy_node_ids": unhealthy,
-        "throughput_mb_s": orch.current_throughput,
-        "elapsed_seconds": round(orch.elapsed_seconds, 3),
+        "throughput_mb_s": snap.throughput_mb_s,
+        "elapsed_seconds": round(snap.elapsed_seconds, 3),
         "eta_seconds": None if eta is None else round(eta, 3),
         "stages": stages,
-        # What the dashboard's per-stage bars show: bytes through the first two stages,
-        # committed bytes for the last two (a chunk is distributed and stored together).
-        "stage_bytes": {name: min(c.bytes if name in ("ingestion", "processing")
-                                  else orch.committed_bytes, orch.total_bytes or c.bytes)
-                        for name, c in orch.metrics.stages.items()},
-        "node_failures_handled": orch.node_failures_handled,
+        "stage_bytes": snap.stage_bytes,
+        "node_failures_handled": snap.node_failures_handled,
         "events": [{"at": e.at, "kind": e.kind, "level": e.level, "detail": e.detail}
                    for e in recent],
     }
@@ -332,14 +297,14 @@ class MetricsServer:
     the cluster's servers do; bind another host only with one.
     """
 
-    def __init__(self, orchestrator: PipelineOrchestrator, host: str = "127.0.0.1",
+    def __init__(self, live: LiveView, host: str = "127.0.0.1",
                  port: int = 0, *, token: str | None = None) -> None:
-        self.orchestrator = orchestrator
+        self.live = live
         self.host = host
         self.port = port
         self.token = token
         self.registry = CollectorRegistry()
-        self.registry.register(OrchestratorCollector(orchestrator))
+        self.registry.register(OrchestratorCollector(live))
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
 
@@ -390,7 +355,7 @@ class MetricsServer:
         return metrics_response(self.registry)
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(status_snapshot(self.orchestrator))
+        return web.json_response(status_snapshot(self.live.snapshot()))
 
 
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from multicloud.core.types import PipelineResult
 from multicloud.core.units import format_bytes
+from multicloud.run.live import LiveView
 from multicloud.run.orchestrator import PipelineOrchestrator
 
 
@@ -25,14 +26,12 @@ async def run_with_progress(orchestrator: PipelineOrchestrator,
         tasks: dict[str, TaskID] = {
             s: progress.add_task(s, total=1, detail="") for s in stages}
 
-        def refresh(_: PipelineOrchestrator | None = None) -> None:
-            total = max(orchestrator.total_bytes, 1)
-            for stage in stages:
-                done = orchestrator.metrics.stages[stage].bytes
-                if stage in ("distribution", "storage"):
-                    done = orchestrator.committed_bytes
+        def refresh(_: LiveView | None = None) -> None:
+            snap = orchestrator.live.snapshot()
+            total = max(snap.total_bytes, 1)
+            for stage, done in snap.stage_bytes.items():
                 progress.update(tasks[stage], total=total, completed=min(done, total),
-                                detail=f"{orchestrator.current_throughput:.1f} MB/s")
+                                detail=f"{snap.throughput_mb_s:.1f} MB/s")
 
         remove = orchestrator.add_progress_listener(refresh)
         try:

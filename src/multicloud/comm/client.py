@@ -1,0 +1,129 @@
+"""The orchestrator's side of the data plane: typed node operations over a `Channel`.
+
+Written once for every carrier. It keeps nodes marked unhealthy out of service (every
+operation but `release` refuses them), works out the link each transfer crosses (so the
+node that sends the bytes can emulate it) and charges the `TrafficLedger` with the bytes
+that were actually sent, failed attempts included, as clouds bill them: the source bytes
+when they leave for a processing node, a push's bytes as the pushing node reports them,
+a read's bytes as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from multicloud.control.registry import WorkerNode
+from multicloud.core.config import ProcessingConfig
+from multicloud.core.errors import NodeUnavailable, ReplicaRefused, from_wire
+from multicloud.core.messages import Body, Channel, Reply, Request
+from multicloud.core.network import LinkEmulator, Location, NetworkTopology, TrafficLedger
+from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
+
+ReplicaState = Literal["ok", "missing", "corrupt"]
+PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data
+
+
+class NodeClient:
+    """Reaches the nodes of a cluster; records what every transfer cost."""
+
+    def __init__(self, channel: Channel, topology: NetworkTopology,
+                 time_scale: float = 0.0) -> None:
+        self.channel = channel
+        self.topology = topology
+        self.time_scale = time_scale
+        self.ledger = TrafficLedger()
+        self.links = LinkEmulator(time_scale)  # for the source bytes this side sends
+
+    async def ping(self, node: WorkerNode, timeout_s: float = PING_S) -> None:
+        """Raise NodeUnavailable unless node answers a health check within timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._call(node, "health")
+        except TimeoutError:
+            raise NodeUnavailable(node.id, f"no answer to a health check in {timeout_s}s") \
+                from None
+
+    async def configure(self, node: WorkerNode, processing: ProcessingConfig) -> None:
+        """Give node the transform chain, its worker slots and the link time scale."""
+        await self._call(node, "configure", {"processing": processing.model_dump(mode="json"),
+                                             "time_scale": self.time_scale})
+
+    async def process(self, node: WorkerNode, chunk: Chunk, data: Body,
+                      origin: Location) -> BlobInfo:
+        """Send raw bytes from origin (the source bucket) to node; it processes and stages them."""
+        self._in_service(node)
+        link = self.topology.link(origin, node.location)
+        self.ledger.charge(link, len(data))
+        await self.links.transfer(f"bucket {origin}", link, len(data))
+        reply = await self._call(node, "process", {"chunk": chunk.to_json()}, data, origin)
+        return BlobInfo.from_json(reply.meta["blob"])
+
+    async def replicate(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo) -> ReplicaAck:
+        """Have src push its staged or stored blob to dst (src == dst stores it in place).
+
+        A failure of dst is `ReplicaRefused` (its cause attached); anything else raised is
+        a failure of src (down, or no longer holding a good copy of the blob).
+        """
+        if not dst.healthy:
+            unavailable = NodeUnavailable(dst.id, "marked unhealthy")
+            raise ReplicaRefused(dst.id, blob.chunk_id, unavailable)
+        link = self.topology.link(src.location, dst.location)
+        reply = await self._call(src, "push", {
+            "chunk_id": blob.chunk_id, "checksum": blob.blob_checksum,
+            "target": dst.address.to_json(), "link": link.to_json()})
+        sent = int(reply.meta.get("sent_bytes", 0))
+        if sent:
+            self.ledger.charge(link, sent)
+        if reply.meta.get("error"):
+            raise ReplicaRefused(dst.id, blob.chunk_id, from_wire(reply.meta["error"]))
+        return ReplicaAck.from_json(reply.meta["ack"])
+
+    async def release(self, node: WorkerNode, chunk_id: str) -> None:
+        """Let node drop the staged blob of a chunk whose writes have all finished."""
+        await self.channel.call(node.address, Request("release", {"chunk_id": chunk_id}))
+
+    async def read(self, node: WorkerNode, chunk_id: str, dest: Location) -> bytes:
+        """Fetch a verified blob from node to dest (a restore)."""
+        link = self.topology.link(node.location, dest)
+        reply = await self._call(node, "get", {"chunk_id": chunk_id, "link": link.to_json()},
+                                 sender=dest)
+        blob = reply.body or b""
+        self.ledger.charge(link, len(blob))
+        return blob
+
+    async def check(self, node: WorkerNode, chunk_id: str) -> ReplicaState:
+        """Have node scrub one replica in place."""
+        state: ReplicaState = (await self._call(node, "check", {"chunk_id": chunk_id})
+                               ).meta["state"]
+        return state
+
+    async def has(self, node: WorkerNode, chunk_id: str) -> bool:
+        """Whether node holds an object for the chunk (unverified)."""
+        return bool((await self._call(node, "has", {"chunk_id": chunk_id})).meta["present"])
+
+    async def inventory(self, node: WorkerNode) -> list[str]:
+        """Ids of every chunk node holds."""
+        return list((await self._call(node, "inventory")).meta["chunks"])
+
+    async def usage(self, node: WorkerNode) -> tuple[int, int]:
+        """(chunks, bytes) node holds."""
+        meta = (await self._call(node, "usage")).meta
+        return int(meta["chunks"]), int(meta["bytes"])
+
+    async def delete(self, node: WorkerNode, chunk_id: str) -> bool:
+        """Remove a chunk from node."""
+        return bool((await self._call(node, "delete", {"chunk_id": chunk_id})).meta["deleted"])
+
+    async def close(self) -> None:
+        """Release the channel's connections."""
+        await self.channel.close()
+
+    def _in_service(self, node: WorkerNode) -> None:
+        if not node.healthy:
+            raise NodeUnavailable(node.id, "marked unhealthy")
+
+    async def _call(self, node: WorkerNode, op: str, meta: dict[str, Any] | None = None,
+                    body: Body | None = None, sender: Location | None = None) -> Reply:
+        self._in_service(node)
+        return await self.channel.call(node.address, Request(op, meta or {}, body, sender))

@@ -1,0 +1,207 @@
+"""The HTTP carrier: `HttpComm` sends requests to node processes, `node_app` serves them.
+
+Every operation is `POST /v1/<op>` with the metadata in a header and the body as the raw
+request body; the reply is the same shape, or an error body in the tree's wire form. The
+bearer token is checked before a body is read. Large bodies go out in 1 MiB pieces, each
+written once the socket has taken the last (Python 3.11's transport would otherwise copy
+the unsent rest of a 100 MiB body again after every send). The server runs with handler
+cancellation on, so a caller that gives up (a timeout, a node marked unhealthy) stops the
+node's handler, which removes whatever it had half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from multicloud.comm.wire import (
+    API,
+    META_HEADER,
+    SENDER_HEADER,
+    decode_meta,
+    decode_sender,
+    encode_meta,
+    encode_sender,
+    internal_error,
+    status_of,
+)
+from multicloud.core.auth import auth_header, auth_middleware
+from multicloud.core.errors import (
+    ClusterError,
+    MulticloudError,
+    NodeUnavailable,
+    StorageError,
+    from_wire,
+    to_wire,
+)
+from multicloud.core.exposition import metrics_response
+from multicloud.core.messages import Body, NodeAddress, Reply, Request
+from multicloud.node.service import NodeService
+
+log = logging.getLogger(__name__)
+
+PIECE = 1024 * 1024  # bytes written to a socket at a time
+_STREAM_ABOVE = 4 * PIECE
+MAX_HEADER = 64 * 1024  # a chunk's metadata may carry a 4 KiB line prefix, base64
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                      ConnectionError, TimeoutError)
+
+
+async def _pieces(body: Body) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(view), PIECE):
+        yield view[start:start + PIECE]
+
+
+def _payload(body: Body | None) -> Any:
+    if body is None or len(body) < _STREAM_ABOVE:
+        return body
+    return _pieces(body)
+
+
+class HttpComm:
+    """Carries requests to node processes over HTTP with a bearer token."""
+
+    def __init__(self, token: str, max_connections: int = 64) -> None:
+        self.token = token
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=auth_header(self.token), max_field_size=MAX_HEADER,
+                connector=aiohttp.TCPConnector(limit=self._max_connections))
+        return self._session
+
+    async def call(self, target: NodeAddress, request: Request) -> Reply:
+        """POST request to target's `/v1/<op>` and return its reply."""
+        if target.url is None:
+            raise NodeUnavailable(target.node_id, "has no URL (not registered)")
+        headers = {META_HEADER: encode_meta(request.meta)}
+        sender = encode_sender(request.sender)
+        if sender is not None:
+            headers[SENDER_HEADER] = sender
+        if request.body is not None:
+            headers["Content-Length"] = str(len(request.body))
+            headers["Content-Type"] = "application/octet-stream"
+        url = f"{target.url.rstrip('/')}{API}/{request.op}"
+        try:
+            async with self._client().post(url, data=_payload(request.body),
+                                           headers=headers) as resp:
+                if resp.status != 200:
+                    raise await _error_of(resp, target.node_id)
+                meta = decode_meta(resp.headers.get(META_HEADER, "{}"))
+                body = await resp.read()
+                return Reply(meta, body or None)
+        except _CONNECTION_ERRORS as exc:
+            raise NodeUnavailable(target.node_id, f"connection failed: {exc}") from exc
+        except ValueError as exc:  # a reply that is not ours
+            raise StorageError(f"node {target.node_id} sent a malformed reply: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connections."""
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _error_of(resp: aiohttp.ClientResponse, node_id: str) -> MulticloudError:
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        body = None
+    if not isinstance(body, dict) or "error" not in body:
+        return StorageError(f"node {node_id} answered HTTP {resp.status}")
+    if body["error"] == "unauthorized":
+        return ClusterError(f"node {node_id} refused our token (401): check MULTICLOUD_TOKEN "
+                            f"or the data dir's token file")
+    if body["error"] == "too_large":
+        return StorageError(f"node {node_id} refused a body as too large: {body.get('message')}")
+    return from_wire(body)
+
+
+# -- the server side --------------------------------------------------------------------
+
+
+def node_app(service: NodeService, token: str, *, max_body_bytes: int) -> web.Application:
+    """The aiohttp application that serves a node: `POST /v1/<op>` and `GET /metrics`."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            meta = decode_meta(request.headers.get(META_HEADER, "{}"))
+        except ValueError as exc:
+            return _error({"error": "cluster", "message": f"bad {META_HEADER}: {exc}"})
+        body: bytes | None = None
+        if request.body_exists:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _error({"error": "too_large",
+                               "message": f"body over {max_body_bytes} bytes (max_body_mb); "
+                                          f"nothing was stored"})
+        arriving = Request(request.match_info["op"], meta, body,
+                           decode_sender(request.headers.get(SENDER_HEADER)))
+        try:
+            reply = await service.handle(arriving)
+        except MulticloudError as exc:
+            return _error(to_wire(exc))
+        except Exception as exc:
+            return _error(internal_error(service.node_id, exc))
+        return await _reply(request, reply)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return metrics_response(service.metrics.registry)
+
+    app = web.Application(middlewares=[auth_middleware(token)], client_max_size=max_body_bytes)
+    app.router.add_post(f"{API}/{{op}}", serve)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _error(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status_of(body))
+
+
+async def _reply(request: web.Request, reply: Reply) -> web.StreamResponse:
+    response = web.StreamResponse(headers={META_HEADER: encode_meta(reply.meta)})
+    body = reply.body or b""
+    response.content_length = len(body)
+    response.content_type = "application/octet-stream"
+    await response.prepare(request)
+    async for piece in _pieces(body):
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: any free port), not yet listening.
+
+    A node binds first, so that it can tell the registry its URL before it serves.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ClusterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick "
+                           f"another --port or --host, or stop the process using it") from exc
+    return sock
+
+
+async def start_node_server(service: NodeService, token: str, sock: socket.socket, *,
+                            max_body_bytes: int) -> web.AppRunner:
+    """Serve service on a bound socket (see `bind_socket`); stop with `runner.cleanup()`."""
+    runner = web.AppRunner(node_app(service, token, max_body_bytes=max_body_bytes),
+                           handle_signals=False, access_log=None, handler_cancellation=True,
+                           max_field_size=MAX_HEADER)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner
