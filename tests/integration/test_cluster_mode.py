@@ -37,7 +37,7 @@ from cluster_fixtures import (
 from multicloud import NodeRegistry, PipelineOrchestrator
 from multicloud.blob import TransformChain, blob_checksum
 from multicloud.cluster.remote import connect_cluster
-from multicloud.comm.wire import META_HEADER, decode_meta, encode_meta
+from multicloud.comm.wire import BODY_HEADER, META_HEADER, decode_meta, encode_meta
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.types import Chunk, NodeStatus
 from multicloud.ui.cli import main
@@ -353,7 +353,7 @@ async def test_nodes_and_registry_refuse_bad_requests(cluster: ProcessCluster) -
         return cluster.object_path(node_id, chunk_id).exists()
 
     def meta(**fields: object) -> dict[str, str]:
-        return {META_HEADER: encode_meta(fields)}
+        return {META_HEADER: encode_meta(fields), BODY_HEADER: "1"}
 
     async with aiohttp.ClientSession() as http:
         chunk_id, blob = _blob(secrets.token_bytes(4096))
@@ -415,11 +415,11 @@ async def test_nodes_and_registry_refuse_bad_requests(cluster: ProcessCluster) -
         # The control: the same blob with the token and its checksum is stored.
         async with http.post(put, data=blob, headers={**good, **auth}) as resp:
             assert resp.status == 200
-            assert decode_meta(resp.headers[META_HEADER])["ack"]["chunk_id"] == chunk_id
+            assert decode_meta(await resp.text())["ack"]["chunk_id"] == chunk_id
         assert stored(chunk_id)
         async with http.post(f"{base}/v1/delete", headers={**meta(chunk_id=chunk_id),
                                                           **auth}) as resp:
-            assert decode_meta(resp.headers[META_HEADER]) == {"deleted": True}
+            assert decode_meta(await resp.text()) == {"deleted": True}
         assert not stored(chunk_id)
 
         # The registry: 401 without the token, and an unauthenticated registration is not kept.

@@ -1,25 +1,26 @@
-"""Tests for the registry, worker nodes, the node service, the embedded cluster and its faults."""
+"""Tests for the registry, worker nodes, the embedded cluster on disk and the node service.
+
+What the nodes do over a carrier (replication, the ledger, faults, errors on the wire) is
+the contract suite's, in tests/contract, run on both carriers.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import random
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from cluster_kinds import local_services
 from multicloud import (
+    Cluster,
     ClusterError,
     IntegrityError,
+    LocalComm,
     NodeRegistry,
     NodeStatus,
-    NodeUnavailable,
-    SimulatedTransport,
-    StorageConfig,
     WorkerNode,
     create_local_cluster,
 )
@@ -32,9 +33,9 @@ from multicloud.core.types import BlobInfo, Chunk
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
 
-MIB = 1024 * 1024
 DATA = b'{"event": "click", "user": 42}\n' * 200
 OTHER = b"some,other,bytes\n" * 300
+HERE = Location("aws", "us-east-1")
 
 
 def make_chunk(data: bytes, cloud: str = "aws") -> Chunk:
@@ -43,37 +44,9 @@ def make_chunk(data: bytes, cloud: str = "aws") -> Chunk:
                  offset=0, size_bytes=len(data), source_cloud=cloud)
 
 
-def sim(registry: NodeRegistry) -> SimulatedTransport:
-    """The registry's simulated transport."""
-    transport = registry.transport
-    assert isinstance(transport, SimulatedTransport)
-    return transport
-
-
-async def stage(registry: NodeRegistry, node_id: str, data: bytes = DATA) -> BlobInfo:
-    """Process ``data`` on a node, from a bucket in the node's own region."""
-    node = registry.get(node_id)
-    return await registry.transport.process(node, make_chunk(data, node.cloud), data,
-                                            node.location)
-
-
-async def push(registry: NodeRegistry, src: str, dst: str, blob: BlobInfo) -> None:
-    """Replicate a staged blob from src to dst."""
-    await registry.transport.replicate(registry.get(src), registry.get(dst), blob)
-
-
-def temp_files(registry: NodeRegistry, node_id: str) -> list[str]:
-    """Names in a node's chunk-store temp dir."""
-    return sorted(p.name for p in (sim(registry).services[node_id].store.root / "tmp").iterdir())
-
-
-async def within(awaitable: Awaitable[object] | asyncio.Event) -> None:
-    """Wait for an event or future, failing instead of hanging if it never comes."""
-    async with asyncio.timeout(10):
-        if isinstance(awaitable, asyncio.Event):
-            await awaitable.wait()
-        else:
-            await awaitable
+def lone_service(root: Path, node_id: str) -> NodeService:
+    """A node service with its own store and no peers."""
+    return NodeService(node_id, HERE, ChunkStore(root / node_id), LocalComm({}))
 
 
 # -- node status and the registry -----------------------------------------------------
@@ -184,13 +157,14 @@ async def test_create_local_cluster_records_membership(tmp_path: Path) -> None:
 
 async def test_reopened_cluster_keeps_its_data(tmp_path: Path) -> None:
     first = create_local_cluster(tmp_path / "c", {"aws": 3, "gcp": 3})
-    blob = await stage(first, "aws-node-1")
-    await push(first, "aws-node-1", "gcp-node-2", blob)
+    src = first.get("aws-node-1")
+    blob = await first.client.process(src, make_chunk(DATA), DATA, src.location)
+    await first.client.replicate(src, first.get("gcp-node-2"), blob)
     await first.close()
     again = create_local_cluster(tmp_path / "c")
     try:
-        assert await again.transport.check(again.get("gcp-node-2"), blob.chunk_id) == "ok"
-        assert await again.transport.inventory(again.get("gcp-node-2")) == [blob.chunk_id]
+        assert await again.client.check(again.get("gcp-node-2"), blob.chunk_id) == "ok"
+        assert await again.client.inventory(again.get("gcp-node-2")) == [blob.chunk_id]
     finally:
         await again.close()
 
@@ -206,7 +180,7 @@ async def test_keyword_overrides(tmp_path: Path) -> None:
     try:
         assert registry.config.time_scale == 0.25
         assert registry.config.seed == 9
-        assert sim(registry).time_scale == 0.25
+        assert registry.client.time_scale == 0.25
         assert sorted(registry.nodes) == ["gcp-node-1", "gcp-node-2"]
         assert registry.data_dir == tmp_path
     finally:
@@ -219,14 +193,14 @@ async def test_keyword_overrides(tmp_path: Path) -> None:
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[NodeService]:
     """A lone node service with its own store."""
-    node = NodeService("n1", ChunkStore(tmp_path / "n1"))
+    node = lone_service(tmp_path, "n1")
     yield node
     node.close()
 
 
 async def processed(tmp_path: Path, data: bytes = DATA) -> tuple[bytes, BlobInfo]:
     """A blob made by another node, as a receiver would get it."""
-    sender = NodeService("sender", ChunkStore(tmp_path / "sender"))
+    sender = lone_service(tmp_path, "sender")
     try:
         info = await sender.process(make_chunk(data), data)
         blob = sender.staged_blob(info.chunk_id)
@@ -290,194 +264,6 @@ async def test_process_stages_until_released(service: NodeService) -> None:
         await service.persist_staged(info.chunk_id)
 
 
-async def test_configure_changes_worker_slots(node_registry: NodeRegistry) -> None:
-    await node_registry.transport.configure(ProcessingConfig(max_workers_per_node=7))
-    assert {s.max_workers for s in sim(node_registry).services.values()} == {7}
-
-
-# -- the simulated transport: happy path and accounting -------------------------------
-
-
-async def test_replicate_and_scrub(node_registry: NodeRegistry) -> None:
-    blob = await stage(node_registry, "aws-node-1")
-    for dst in ("aws-node-1", "aws-node-3", "gcp-node-2"):
-        await push(node_registry, "aws-node-1", dst, blob)
-        node = node_registry.get(dst)
-        assert await node_registry.transport.check(node, blob.chunk_id) == "ok"
-        assert await node_registry.transport.usage(node) == (1, blob.blob_size)
-    await node_registry.transport.release(node_registry.get("aws-node-1"), blob.chunk_id)
-    assert sim(node_registry).services["aws-node-1"].staged_blob(blob.chunk_id) is None
-    read = await node_registry.transport.read(node_registry.get("gcp-node-2"), blob.chunk_id,
-                                              Location("aws", "us-east-1"))
-    assert blob_checksum(read) == blob.blob_checksum
-    assert await node_registry.transport.delete(node_registry.get("aws-node-3"), blob.chunk_id)
-    assert await node_registry.transport.check(node_registry.get("aws-node-3"),
-                                               blob.chunk_id) == "missing"
-
-
-async def test_ledger_charges_egress_for_cross_cloud(node_registry: NodeRegistry) -> None:
-    ledger = sim(node_registry).ledger
-    blob = await stage(node_registry, "aws-node-1")
-    before = ledger.snapshot()
-    await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    await push(node_registry, "aws-node-1", "aws-node-3", blob)
-    await push(node_registry, "aws-node-1", "aws-node-1", blob)  # in place: no transfer
-    delta = ledger.difference(ledger.snapshot(), before)
-    assert set(delta) == {"aws/us-east-1->gcp/us-central1", "aws/us-east-1->aws/us-east-1"}
-    cross = delta["aws/us-east-1->gcp/us-central1"]
-    assert cross.cross_cloud
-    assert (cross.transfers, cross.bytes) == (1, blob.blob_size)
-    assert cross.egress_usd == pytest.approx(blob.blob_size / 1e9 * 0.09)
-    same = delta["aws/us-east-1->aws/us-east-1"]
-    assert not same.cross_cloud
-    assert same.egress_usd == pytest.approx(blob.blob_size / 1e9 * 0.01)
-    assert cross.emulated_seconds > same.emulated_seconds
-    # The raw bytes went from the bucket to the processing node in its region.
-    ingress = before["aws/us-east-1->aws/us-east-1"]
-    assert (ingress.transfers, ingress.bytes) == (1, len(DATA))
-
-
-async def test_cross_cloud_transfer_is_slower_with_time_scale(tmp_path: Path) -> None:
-    registry = create_local_cluster(tmp_path, {"aws": 3, "gcp": 1}, time_scale=0.5,
-                                    storage=StorageConfig(fsync=False))
-    try:
-        data = random.Random(0).randbytes(8 * MIB)  # incompressible: the blob stays 8 MiB
-        blob = await stage(registry, "aws-node-1", data)
-        elapsed: dict[str, float] = {}
-        for dst in ("aws-node-3", "gcp-node-1"):  # same region as aws-node-1, other cloud
-            started = time.perf_counter()
-            await push(registry, "aws-node-1", dst, blob)
-            elapsed[dst] = time.perf_counter() - started
-        assert elapsed["gcp-node-1"] > elapsed["aws-node-3"]
-    finally:
-        await registry.close()
-
-
-# -- faults ---------------------------------------------------------------------------
-
-
-async def test_crash_and_restart(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    gcp1 = node_registry.get("gcp-node-1")
-
-    transport.crash("gcp-node-1")
-    with pytest.raises(NodeUnavailable, match="crashed") as err:
-        await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    assert err.value.node_id == "gcp-node-1"
-    with pytest.raises(NodeUnavailable):
-        await transport.check(gcp1, blob.chunk_id)
-    assert gcp1.status == "healthy"  # the registry learns of a crash from failed transfers
-
-    reasons: list[str] = []
-    node_registry.subscribe(lambda node, old, reason: reasons.append(reason))
-    gcp1.status = "unhealthy"
-    transport.restart("gcp-node-1")
-    assert gcp1.status == "healthy"
-    assert reasons[-1] == "restarted"
-    assert await transport.check(gcp1, blob.chunk_id) == "ok"  # the disk survived
-
-
-async def test_crash_loses_staged_blobs(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    transport.crash("aws-node-1")
-    with pytest.raises(NodeUnavailable):
-        await push(node_registry, "aws-node-1", "aws-node-2", blob)
-    transport.restart("aws-node-1")
-    with pytest.raises(ChunkNotFound):
-        await push(node_registry, "aws-node-1", "aws-node-2", blob)
-
-
-async def test_unhealthy_node_is_unreachable(node_registry: NodeRegistry) -> None:
-    blob = await stage(node_registry, "aws-node-1")
-    node_registry.nodes["aws-node-2"].status = "unhealthy"
-    with pytest.raises(NodeUnavailable, match="marked unhealthy"):
-        await push(node_registry, "aws-node-1", "aws-node-2", blob)
-    with pytest.raises(NodeUnavailable):
-        await stage(node_registry, "aws-node-2")
-
-
-async def test_partition_cuts_only_cross_cloud(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    transport.partition("aws", "gcp")
-    with pytest.raises(NodeUnavailable, match="partition between aws and gcp") as err:
-        await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    # The target is the one cut off: distribution must not take the source for lost.
-    assert err.value.node_id == "gcp-node-1"
-    with pytest.raises(NodeUnavailable, match="partition"):
-        await transport.process(node_registry.get("gcp-node-1"), make_chunk(OTHER), OTHER,
-                                Location("aws", "us-east-1"))
-    await push(node_registry, "aws-node-1", "aws-node-2", blob)  # same cloud still works
-    assert await transport.check(node_registry.get("aws-node-2"), blob.chunk_id) == "ok"
-    assert not sim(node_registry).services["gcp-node-1"].has(blob.chunk_id)
-    transport.heal()
-    await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    assert await transport.check(node_registry.get("gcp-node-1"), blob.chunk_id) == "ok"
-
-
-async def test_corrupt_and_lose(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    await push(node_registry, "aws-node-1", "aws-node-2", blob)
-    await push(node_registry, "aws-node-1", "gcp-node-3", blob)
-    offset = transport.corrupt("aws-node-2", blob.chunk_id)
-    assert 0 <= offset < blob.blob_size
-    assert await transport.check(node_registry.get("aws-node-2"), blob.chunk_id) == "corrupt"
-    with pytest.raises(IntegrityError):
-        await transport.read(node_registry.get("aws-node-2"), blob.chunk_id,
-                             Location("aws", "us-east-1"))
-    assert transport.lose("gcp-node-3", blob.chunk_id) is True
-    assert transport.lose("gcp-node-3", blob.chunk_id) is False
-    assert await transport.check(node_registry.get("gcp-node-3"), blob.chunk_id) == "missing"
-
-
-async def test_hold_writes_until_released(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    gate = transport.hold_writes("gcp-node-2")
-    held = asyncio.create_task(push(node_registry, "aws-node-1", "gcp-node-2", blob))
-    await within(gate.arrived)
-    assert gate.held == 1
-    assert not held.done()
-    assert not transport.services["gcp-node-2"].has(blob.chunk_id)
-    # other nodes are not held
-    await push(node_registry, "aws-node-1", "gcp-node-1", blob)
-    gate.release()
-    await within(held)
-    assert await transport.check(node_registry.get("gcp-node-2"), blob.chunk_id) == "ok"
-    # once released, later writes go straight through
-    await push(node_registry, "aws-node-1", "gcp-node-2", blob)
-    assert gate.held == 1
-
-
-async def test_crash_during_write(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    blob = await stage(node_registry, "aws-node-1")
-    transport.crash_during_write("aws-node-2")
-    with pytest.raises(NodeUnavailable, match="middle of a write"):
-        await push(node_registry, "aws-node-1", "aws-node-2", blob)
-    assert not transport.services["aws-node-2"].has(blob.chunk_id)
-    assert temp_files(node_registry, "aws-node-2") == ["interrupted-write.partial"]
-    assert "aws-node-2" in transport.crashed
-    transport.restart("aws-node-2")
-    assert temp_files(node_registry, "aws-node-2") == []
-    assert await transport.check(node_registry.get("aws-node-2"), blob.chunk_id) == "missing"
-    await push(node_registry, "aws-node-1", "aws-node-2", blob)  # the crash was one-off
-    assert await transport.check(node_registry.get("aws-node-2"), blob.chunk_id) == "ok"
-
-
-async def test_crash_during_nth_write(node_registry: NodeRegistry) -> None:
-    transport = sim(node_registry)
-    first = await stage(node_registry, "aws-node-1")
-    second = await stage(node_registry, "aws-node-1", OTHER)
-    transport.crash_during_write("gcp-node-1", nth=2)
-    await push(node_registry, "aws-node-1", "gcp-node-1", first)
-    with pytest.raises(NodeUnavailable):
-        await push(node_registry, "aws-node-1", "gcp-node-1", second)
-    transport.restart("gcp-node-1")
-    gcp1 = node_registry.get("gcp-node-1")
-    assert await transport.check(gcp1, first.chunk_id) == "ok"
-    assert await transport.check(gcp1, second.chunk_id) == "missing"
+async def test_configure_changes_worker_slots(node_registry: Cluster) -> None:
+    await node_registry.configure(ProcessingConfig(max_workers_per_node=7))
+    assert {s.max_workers for s in local_services(node_registry).values()} == {7}

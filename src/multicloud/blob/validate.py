@@ -29,6 +29,12 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 _local = threading.local()
 
 
+def warm_up() -> None:
+    """Import what validation loads lazily, so that a long-running node does not pay for it
+    on its first CSV chunk (the CLI stays quick to start by not importing it)."""
+    import numpy  # noqa: F401
+
+
 def _where(chunk: Chunk) -> str:
     return f"chunk {chunk.index} of {chunk.file}"
 

@@ -60,7 +60,7 @@ def create_local_cluster(
     for spec in specs:
         store = ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync, owner=f"node {spec.id}")
         services[spec.id] = NodeService(spec.id, Location(spec.cloud, spec.region), store, comm,
-                                        seed=config.seed)
+                                        seed=config.seed, time_scale=config.time_scale)
     cluster = Cluster(config, [WorkerNode(spec) for spec in specs], comm,
                       topology=NetworkTopology(config), data_dir=root)
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from multicloud.blob.validate import warm_up
 from multicloud.comm.http import HttpComm, bind_socket, start_node_server
 from multicloud.control.membership import RegistryClient
 from multicloud.core.config import ServiceConfig
 from multicloud.core.errors import ClusterError
 from multicloud.core.network import Location
+from multicloud.core.runfiles import service_url
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
 
@@ -65,8 +67,7 @@ class NodeServer:
         """Bind, register (learning the id if none was given), open the store, serve, beat."""
         sock = bind_socket(self.host, self.port)
         try:
-            bound = sock.getsockname()[1]
-            self._url = f"http://{self.advertise_host or self.host}:{bound}"
+            self._url = service_url(self.advertise_host or self.host, sock.getsockname()[1])
             if self.registry_url is not None:
                 self._registry = RegistryClient(self.registry_url, self.token)
                 self.node_id = await self._registry.register({
@@ -76,6 +77,7 @@ class NodeServer:
                 raise ClusterError("a node needs --id when it runs without a registry")
             store = await asyncio.to_thread(ChunkStore, self.data_dir / "nodes" / self.node_id,
                                             self.fsync, owner=f"node {self.node_id}")
+            await asyncio.to_thread(warm_up)
             self.node = NodeService(self.node_id, Location(self.cloud, self.region), store,
                                     self._peers, allow_faults=self.allow_faults)
             self._runner = await start_node_server(
@@ -128,3 +130,4 @@ class NodeServer:
             await self._registry.register({
                 "id": self.node_id, "cloud": self.cloud, "region": self.region,
                 "url": self._url, "capacity_bytes": self.capacity_bytes})
+

@@ -1,8 +1,11 @@
 """The HTTP carrier: `HttpComm` sends requests to node processes, `node_app` serves them.
 
-Every operation is `POST /v1/<op>` with the metadata in a header and the body as the raw
-request body; the reply is the same shape, or an error body in the tree's wire form. The
-bearer token is checked before a body is read. Large bodies go out in 1 MiB pieces, each
+Every operation is `POST /v1/<op>` with the metadata in a header and the body, if the
+request has one (an empty one included: `X-Multicloud-Body: 1` says so), as the raw
+request body. A reply with a body carries its metadata in the header the same way; a
+reply without one sends its metadata as a JSON body (an inventory can outgrow any header);
+an error is a JSON body in the tree's wire form. The bearer token is checked before a
+body is read. Large bodies go out in 1 MiB pieces, each
 written once the socket has taken the last (Python 3.11's transport would otherwise copy
 the unsent rest of a 100 MiB body again after every send). The server runs with handler
 cancellation on, so a caller that gives up (a timeout, a node marked unhealthy) stops the
@@ -21,6 +24,7 @@ from aiohttp import web
 
 from multicloud.comm.wire import (
     API,
+    BODY_HEADER,
     META_HEADER,
     SENDER_HEADER,
     decode_meta,
@@ -88,6 +92,7 @@ class HttpComm:
         if sender is not None:
             headers[SENDER_HEADER] = sender
         if request.body is not None:
+            headers[BODY_HEADER] = "1"
             headers["Content-Length"] = str(len(request.body))
             headers["Content-Type"] = "application/octet-stream"
         url = f"{target.url.rstrip('/')}{API}/{request.op}"
@@ -96,13 +101,16 @@ class HttpComm:
                                            headers=headers) as resp:
                 if resp.status != 200:
                     raise await _error_of(resp, target.node_id)
+                if BODY_HEADER not in resp.headers:
+                    return Reply(decode_meta((await resp.read()).decode()))
                 meta = decode_meta(resp.headers.get(META_HEADER, "{}"))
-                body = await resp.read()
-                return Reply(meta, body or None)
+                return Reply(meta, await resp.read())
         except _CONNECTION_ERRORS as exc:
             raise NodeUnavailable(target.node_id, f"connection failed: {exc}") from exc
-        except ValueError as exc:  # a reply that is not ours
+        except (ValueError, aiohttp.ClientResponseError) as exc:  # a reply that is not ours
             raise StorageError(f"node {target.node_id} sent a malformed reply: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise NodeUnavailable(target.node_id, f"request failed: {exc}") from exc
 
     async def close(self) -> None:
         """Close the connections."""
@@ -137,7 +145,7 @@ def node_app(service: NodeService, token: str, *, max_body_bytes: int) -> web.Ap
         except ValueError as exc:
             return _error({"error": "cluster", "message": f"bad {META_HEADER}: {exc}"})
         body: bytes | None = None
-        if request.body_exists:
+        if BODY_HEADER in request.headers:
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -168,12 +176,14 @@ def _error(body: dict[str, Any]) -> web.Response:
 
 
 async def _reply(request: web.Request, reply: Reply) -> web.StreamResponse:
-    response = web.StreamResponse(headers={META_HEADER: encode_meta(reply.meta)})
-    body = reply.body or b""
-    response.content_length = len(body)
+    if reply.body is None:
+        return web.Response(text=encode_meta(reply.meta), content_type="application/json")
+    response = web.StreamResponse(headers={META_HEADER: encode_meta(reply.meta),
+                                           BODY_HEADER: "1"})
+    response.content_length = len(reply.body)
     response.content_type = "application/octet-stream"
     await response.prepare(request)
-    async for piece in _pieces(body):
+    async for piece in _pieces(reply.body):
         await response.write(piece)
     await response.write_eof()
     return response

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 API = "/v1"
 META_HEADER = "X-Multicloud-Meta"
+BODY_HEADER = "X-Multicloud-Body"  # "1": the message has a body, if only an empty one
 SENDER_HEADER = "X-Multicloud-Sender"
 
 # The HTTP status each wire code goes out with (clients decode the body, not the status).

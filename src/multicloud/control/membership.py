@@ -137,10 +137,14 @@ class RegistryClient:
         try:
             async with self._session.post(f"{self.registry_url}{API}/nodes",
                                           json=payload) as resp:
-                body = await resp.json(content_type=None)
-                if resp.status != 200:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                if resp.status != 200 or not isinstance(body, dict):
+                    message = body.get("message") if isinstance(body, dict) else None
                     raise ClusterError(f"registry refused registration: "
-                                       f"{body.get('message', resp.status)}")
+                                       f"{message or f'HTTP {resp.status}'}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the registry at {self.registry_url}: {exc}; "
                                f"start it with `multicloud registry`") from exc

@@ -34,6 +34,7 @@ from multicloud.core.auth import auth_middleware
 from multicloud.core.config import ServiceConfig
 from multicloud.core.errors import ClusterError, ConfigError
 from multicloud.core.exposition import CallbackCollector, metrics_response
+from multicloud.core.runfiles import service_url
 from multicloud.core.types import NodeStatus
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ REGISTRY_FILE = "registry.json"
 _FILE_VERSION = 1
 NODE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _COUNTERS = ("chunks", "bytes", "inflight")
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 
 
 @dataclass(slots=True)
@@ -370,7 +370,7 @@ def _error(status: int, error: str, message: str) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} for an empty body); ValueError if it is not one."""
+    """The JSON object a request carries ({} for an empty body); ValueError if not one."""
     if not request.can_read_body:
         return {}
     text = await request.text()
@@ -447,11 +447,7 @@ class RegistryServer:
                                f"{exc.strerror or exc}; pick another --port or --host, or stop "
                                f"the process using it") from exc
         self._runner = runner
-        port = runner.addresses[0][1]
-        shown = "127.0.0.1" if self.host in _WILDCARD_HOSTS else self.host
-        if ":" in shown:
-            shown = f"[{shown}]"
-        self._url = f"http://{shown}:{port}"
+        self._url = service_url(self.host, runner.addresses[0][1])
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
         log.info("registry listening on %s (data dir %s)", self._url, self.data_dir)
         return self._url

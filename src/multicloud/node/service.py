@@ -96,7 +96,7 @@ class NodeService:
 
     def __init__(self, node_id: str, location: Location, store: ChunkStore, peers: Channel,
                  processing: ProcessingConfig | None = None, *, allow_faults: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, time_scale: float = 0.0) -> None:
         self.node_id = node_id
         self.location = location
         self.store = store
@@ -106,7 +106,7 @@ class NodeService:
         self.metrics = NodeMetrics(node_id, location)
         self.metrics.watch_store(store)
         store.observe_fsync(self.metrics.fsync_seconds.observe)
-        self.links = LinkEmulator(0.0)
+        self.links = LinkEmulator(time_scale)  # the orchestrator's `configure` may reset it
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix=f"{node_id}-io")
         self._workers: ThreadPoolExecutor | None = None
         self._chain: TransformChain | None = None
@@ -208,7 +208,11 @@ class NodeService:
         blob = await self.read(check_chunk_id(_arg(request, "chunk_id")))
         raw_link = request.meta.get("link")
         if raw_link is not None:  # this node sends the bytes, so it emulates their link
-            link = Link.from_json(raw_link)
+            try:
+                link = Link.from_json(raw_link)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ClusterError(f"a 'get' request has a malformed 'link': {exc!r}") \
+                    from None
             await self.links.transfer(self.node_id, link, len(blob))
             self.metrics.sent.labels(link.dst.cloud).inc(len(blob))
         return Reply({"size": len(blob)}, blob)
