@@ -7,9 +7,11 @@ runs the real entry point in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -399,3 +401,49 @@ def test_a_missing_required_argument_is_a_usage_error(
 
     assert exited.value.code == 2
     assert "--source" in capsys.readouterr().err
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(cli: Cli) -> Iterator[Path]:
+    """The data dir on a 24 MiB tmpfs of its own (tests run as root, here and in CI)."""
+    cli.data_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs",
+                              str(cli.data_dir)], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs (needs root): {mounted.stderr}"
+    try:
+        yield cli.data_dir
+    finally:
+        subprocess.run(["umount", "-l", str(cli.data_dir)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_earlier_batches_stay_intact(
+        cli: Cli, source: Path, small_disk: Path) -> None:
+    first = cli.run(source, "--batch-id", "small")
+    assert first.code == 0, first.err
+    # 30 MiB that do not compress cannot fit three times on 24 MiB: every replica write
+    # fails on a full disk, each one fails over, and the batch fails as one line.
+    noise = cli.root / "noise"
+    noise.mkdir()
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (noise / name).write_bytes(os.urandom(10 * 1024 * 1024))
+    full = cli.run(noise, "--batch-id", "big")
+    assert_usage_error(full, "disk full", "free some space")
+    assert not list(small_disk.glob("nodes/*/tmp/*")), "a failed write left a temp file"
+
+    # Not a byte of room left: the orchestrator's own files fail as one line too.
+    filler = small_disk / "filler"
+    with filler.open("wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 1024 * 1024)
+    again = cli.run(noise, "--batch-id", "big")
+    assert_usage_error(again, "No space left on device")
+    filler.unlink()
+
+    verify = cli.on_cluster("verify", "small")
+    assert verify.code == 0, verify.out
+    restored = cli.on_cluster("restore", "small", "--to", cli.root / "back")
+    assert restored.code == 0, restored.err
+    assert tree(cli.root / "back") == tree(source)

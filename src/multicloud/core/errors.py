@@ -147,7 +147,7 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     """The tree's error for an OSError; `what` failed ("node x cannot write chunk y")."""
     reason = exc.strerror or str(exc)
     if exc.errno in _NO_ROOM:
-        return DiskFull(f"{what}: {reason}; free some space (or add nodes) and run again")
+        return DiskFull(f"{what}: {reason}; free some space and run again")
     return StorageError(f"{what}: {reason}")
 
 

@@ -20,10 +20,14 @@ from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import DistributionConfig
 from multicloud.core.errors import (
+    DiskFull,
+    IntegrityError,
     MulticloudError,
+    NodeUnavailable,
     QuorumNotReached,
     ReplicaRefused,
     SourceLost,
+    TransferTimeout,
 )
 from multicloud.core.types import DistributedChunk, ProcessedChunk, ReplicaAck
 from multicloud.pipeline.events import Emit, no_events
@@ -48,6 +52,7 @@ class _ChunkWrite:
     quorum: int
     acks: list[ReplicaAck] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    causes: dict[str, MulticloudError] = field(default_factory=dict)  # failed target -> why
     current: list[str] = field(default_factory=list)  # targets written or being written
     replacements_left: int = 0
     source_lost: bool = False
@@ -130,9 +135,8 @@ class DistributionCoordinator:
             raise SourceLost(f"processing node {processed.node_id} failed before chunk "
                              f"{blob.chunk_id[:12]} reached quorum")
         raise QuorumNotReached(
-            f"chunk {processed.chunk.index} of {processed.chunk.file} got {len(state.acks)} "
-            f"verified replicas, write_quorum is {state.quorum} (failed targets: "
-            f"{', '.join(state.failed) or 'none'})")
+            f"chunk {chunk.index} of {chunk.file}: {len(state.acks)} verified replica(s), "
+            f"write_quorum is {state.quorum}; {_failures(state.causes)}")
 
     async def drain(self) -> None:
         """Wait for every background write to finish."""
@@ -162,6 +166,7 @@ class DistributionCoordinator:
             except ReplicaRefused as exc:
                 log.warning("replica of %s on %s failed: %s", blob.chunk_id[:12], dst.id,
                             exc.cause)
+                state.causes[dst.id] = exc.cause
                 node_id = self._replace(state, dst.id, force_cross_cloud, str(exc.cause))
                 continue
             except MulticloudError as exc:
@@ -237,3 +242,23 @@ class DistributionCoordinator:
         results = [t.result() for t in tasks]
         await self.drain()
         return results
+
+
+_CAUSES: list[tuple[type[MulticloudError], str]] = [
+    (DiskFull, "disk full"), (NodeUnavailable, "unreachable"),
+    (TransferTimeout, "timed out"), (IntegrityError, "refused the bytes as damaged"),
+]
+
+
+def _failures(causes: dict[str, MulticloudError]) -> str:
+    """The failed targets grouped by what went wrong, with what to do about a full disk."""
+    if not causes:
+        return "no target was left to write to"
+    groups: dict[str, list[str]] = {}
+    for node_id, cause in causes.items():
+        label = next((text for cls, text in _CAUSES if isinstance(cause, cls)), str(cause))
+        groups.setdefault(label, []).append(node_id)
+    text = "; ".join(f"{label}: {', '.join(sorted(nodes))}" for label, nodes in groups.items())
+    if any(isinstance(cause, DiskFull) for cause in causes.values()):
+        text += " (free some space, or add nodes, and run the batch again)"
+    return f"failed targets: {text}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from multicloud.core.errors import StorageError, UnknownBatch
+from multicloud.core.errors import DiskFull, StorageError, UnknownBatch, storage_error
 from multicloud.core.types import BlobInfo, Chunk, FileEntry
 
 __all__ = ["SCHEMA_VERSION", "BatchRecord", "ChunkRecord", "Manifest"]
@@ -115,10 +115,8 @@ class Manifest:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(
-                f"cannot create the manifest directory {self.path.parent}: {exc}; "
-                "choose a writable data_dir"
-            ) from exc
+            raise storage_error(exc, f"cannot create the manifest directory "
+                                     f"{self.path.parent} (choose a writable data dir)") from exc
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so every public write is
             # exactly one transaction, and BEGIN IMMEDIATE takes the write lock up front.
@@ -446,6 +444,9 @@ class Manifest:
 
     def _storage_error(self, exc: sqlite3.Error) -> StorageError:
         """Wrap a sqlite3 failure with the manifest's path and a hint."""
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc):
+            return DiskFull(f"manifest {self.path} cannot be written: {exc}; free some "
+                            f"space on its disk and run the command again")
         hint = (
             f"another process held the write lock for over {_BUSY_TIMEOUT_S:.0f}s; retry"
             if "locked" in str(exc) or "busy" in str(exc)

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--host", help="bind address (default: loopback)")
     node.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     node.add_argument("--registry", default="http://127.0.0.1:7400", help="registry URL")
+    node.add_argument("--allow-faults", action="store_true",
+                      help="take fault-injection requests (crash, partition...): tests only")
     common(node, cluster=False)
     node.set_defaults(handler=cmd_node)
 
@@ -177,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(handler(args))
     except MulticloudError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        # The library maps the OS errors it expects; one it did not (a full disk under a
+        # file the CLI itself writes, say) still ends in one line, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -259,7 +267,7 @@ async def cmd_node(args: argparse.Namespace) -> int:
                         registry_url=args.registry, service=service,
                         host=args.host or service.host, port=args.port,
                         capacity_bytes=int(config.cluster.node_capacity_gb * 1024**3),
-                        fsync=config.storage.fsync)
+                        fsync=config.storage.fsync, allow_faults=args.allow_faults)
     try:
         url = await server.start()
         write_ready_file(args.data_dir, server.node_id or "node", url)

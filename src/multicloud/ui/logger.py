@@ -31,6 +31,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from multicloud.core.errors import storage_error
 from multicloud.pipeline.events import PipelineEvent
 
 if TYPE_CHECKING:
@@ -83,10 +84,13 @@ class PipelineLogger:
 
     def __init__(self, path: str | Path = DEFAULT_LOG_FILE) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Binary append; BytesLogger flushes after every line, so a crash loses nothing
-        # already logged and a `tail -f` sees each event as it happens.
-        self._file: IO[bytes] = self.path.open("ab")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Binary append; BytesLogger flushes after every line, so a crash loses nothing
+            # already logged and a `tail -f` sees each event as it happens.
+            self._file: IO[bytes] = self.path.open("ab")
+        except OSError as exc:
+            raise storage_error(exc, f"cannot open the event log {self.path}") from exc
         self._log: Any = structlog.wrap_logger(
             structlog.BytesLogger(self._file),
             processors=[
@@ -110,7 +114,7 @@ class PipelineLogger:
 
     def log_stage_complete(self, stage: str, metrics: dict[str, Any],
                            batch_id: str | None = None) -> None:
-        """Log that a stage finished, with its metrics (the request's API).
+        """Log that a stage finished, with its metrics.
 
         For code that runs stages itself: an attached logger already logs the
         orchestrator's own `stage_complete` events. Without batch_id, the batch of the
