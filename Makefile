@@ -7,6 +7,7 @@ UV := $(BIN)/uv
 DEMO_DIR ?= demo-data
 DEMO_SIZE ?= 1GiB
 BENCH_SIZE ?= 1GiB
+BENCH_BEFORE ?=
 
 .PHONY: setup demo demo-cluster test lint bench bench-deps clean
 
@@ -36,15 +37,20 @@ demo-cluster: setup
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --cov=multicloud --cov-report=term --cov-fail-under=90
 
+# ruff, mypy (strict) and the architecture: lint-imports checks that each layer imports only
+# the layers below it and that no two modules of a package import each other.
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench-deps:
 	@command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone >/dev/null)
 
+# BENCH_BEFORE=<git rev> also runs that revision's embedded pipeline against this one.
 bench: setup bench-deps
-	$(BIN)/python benchmarks/run_benchmarks.py --size $(BENCH_SIZE)
+	$(BIN)/python benchmarks/run_benchmarks.py --size $(BENCH_SIZE) \
+		$(if $(BENCH_BEFORE),--before $(BENCH_BEFORE))
 
 clean:
 	rm -rf $(VENV) .multicloud $(DEMO_DIR) bench-out .coverage

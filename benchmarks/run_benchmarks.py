@@ -4,10 +4,16 @@
 2. End to end (gen-data, 6 nodes, RF 3, time_scale 0) against the disk floor (three
    `cp -r` copies + `sync`) and `rclone copy --checksum` to three folders (+ `sync`).
 3. Peak RSS of the pipeline for 1 GiB and 4 GiB of input.
-4. Processing latency of 100 KiB chunks (p50, p99).
+4. Observability (dashboard, JSON log, /metrics) on against off.
+5. Processing latency of 100 KiB chunks (p50, p99).
+6. Cluster mode (`multicloud cluster up`: a registry and six node processes over HTTP)
+   against the embedded cluster, runs alternating, pipeline duration.
+7. With --before REV: the embedded pipeline of git revision REV (a worktree, run on this
+   venv) against this one, runs alternating.
 
 Writes bench-out/report.md and bench-out/results.json. Usage:
     python benchmarks/run_benchmarks.py [--size 1GiB] [--big 4GiB] [--out bench-out]
+                                        [--cluster-runs 3] [--before REV]
 """
 
 from __future__ import annotations
@@ -75,6 +81,82 @@ async def ingest(path: Path, chunk_mb: float) -> float:
     started = time.perf_counter()
     await engine.ingest_batch(path)
     return time.perf_counter() - started
+
+
+def pipeline_seconds(cli: list[str], source: Path, data_dir: Path, batch_id: str,
+                     *extra: str, env: dict[str, str] | None = None) -> float:
+    """`multicloud run` in a child; the pipeline's own duration (start-up excluded)."""
+    done = subprocess.run([*cli, "run", "--source", str(source), "--data-dir", str(data_dir),
+                           "--batch-id", batch_id, "--config-dir", "/nonexistent", "--json",
+                           *extra], capture_output=True, text=True, env=env)
+    result = json.loads(done.stdout or "{}")
+    if done.returncode != 0 or result.get("status") != "success":
+        raise SystemExit(f"pipeline failed: {result.get('error') or done.stderr[-2000:]}")
+    return float(result["duration_seconds"])
+
+
+def cluster_against_embedded(source: Path, out: Path, runs: int) -> dict[str, Any]:
+    """Alternate embedded runs (fresh data dir each) and runs on a cluster of processes.
+
+    One warm-up run of each comes first (page cache, first imports in the new processes),
+    as a user's cluster is up before their batches run; it is reported, not averaged.
+    """
+    data = out / "cluster-mode"
+    shutil.rmtree(data, ignore_errors=True)
+    up = subprocess.run([*CLI, "cluster", "up", "--data-dir", str(data), "--config-dir",
+                         "/nonexistent", "--registry-port", "0", "--node-base-port", "0",
+                         "--json"], capture_output=True, text=True, check=True)
+    registry = json.loads(up.stdout)["registry"]
+    embedded: list[float] = []
+    cluster: list[float] = []
+    try:
+        for i in range(runs + 1):
+            shutil.rmtree(out / "embedded", ignore_errors=True)
+            drop_caches()
+            embedded.append(pipeline_seconds(CLI, source, out / "embedded", f"e{i}"))
+            drop_caches()
+            cluster.append(pipeline_seconds(CLI, source, data, f"c{i}", "--cluster", registry))
+            print(f"  embedded {embedded[-1]:.2f}s, cluster {cluster[-1]:.2f}s", flush=True)
+    finally:
+        subprocess.run([*CLI, "cluster", "down", "--data-dir", str(data)], check=True,
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(out / "embedded", ignore_errors=True)
+    mean_e, mean_c = sum(embedded[1:]) / runs, sum(cluster[1:]) / runs
+    return {"embedded_s": embedded[1:], "cluster_s": cluster[1:],
+            "warmup_embedded_s": embedded[0], "warmup_cluster_s": cluster[0],
+            "cluster_throughput_over_embedded": mean_e / mean_c}
+
+
+def embedded_against_revision(source: Path, out: Path, rev: str, runs: int) -> dict[str, Any]:
+    """Alternate the embedded pipeline of git revision rev with this one's, on one dataset."""
+    worktree = out / "before-worktree"
+    subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
+                   capture_output=True)
+    subprocess.run(["git", "worktree", "add", "--force", "--detach", str(worktree), rev],
+                   check=True, capture_output=True)
+    # The module path of the CLI moved with the layers; run whichever the revision has.
+    old_cli = "multicloud.ui.cli" if (worktree / "src/multicloud/ui/cli.py").exists() \
+        else "multicloud.cli"
+    env = {**os.environ, "PYTHONPATH": str(worktree / "src")}
+    before: list[float] = []
+    after: list[float] = []
+    try:
+        for i in range(runs + 1):
+            for sink, cli, run_env in ((before, [sys.executable, "-m", old_cli], env),
+                                       (after, CLI, None)):
+                shutil.rmtree(out / "embedded", ignore_errors=True)
+                drop_caches()
+                sink.append(pipeline_seconds(cli, source, out / "embedded", f"r{i}",
+                                             env=run_env))
+            print(f"  before {before[-1]:.2f}s, after {after[-1]:.2f}s", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
+                       capture_output=True)
+        shutil.rmtree(out / "embedded", ignore_errors=True)
+    return {"rev": rev, "before_s": before[1:], "after_s": after[1:],
+            "warmup_before_s": before[0], "warmup_after_s": after[0],
+            "after_throughput_over_before": (sum(before[1:]) / runs) / (sum(after[1:]) / runs)}
 
 
 def run_pipeline(source: Path, data_dir: Path) -> tuple[float, int, dict[str, Any]]:
@@ -171,7 +253,7 @@ async def observed_run(source: Path, data_dir: Path, observe: bool) -> float:
             return result.duration_seconds
         logger = PipelineLogger(data_dir / "pipeline.log")
         logger.attach(orch)
-        server = MetricsServer(orch)
+        server = MetricsServer(orch.live)
         url = await server.start()
         done = asyncio.Event()
 
@@ -225,6 +307,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--obs-runs", type=int, default=3,
                         help="runs with observability on and off, each (0 skips)")
+    parser.add_argument("--cluster-runs", type=int, default=3,
+                        help="runs of cluster mode and of embedded, each (0 skips)")
+    parser.add_argument("--before", metavar="REV",
+                        help="also compare the embedded pipeline with git revision REV")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +375,17 @@ def main() -> None:
     results["processing_latency"] = asyncio.run(processing_latency(out))
     print(f"processing 100 KiB chunks: {results['processing_latency']}", flush=True)
 
+    # 6. cluster mode against embedded
+    if args.cluster_runs:
+        print("cluster mode against embedded:", flush=True)
+        results["cluster_mode"] = cluster_against_embedded(source, out, args.cluster_runs)
+
+    # 7. this revision against an earlier one
+    if args.before:
+        print(f"embedded, {args.before} against this revision:", flush=True)
+        results["before_after"] = embedded_against_revision(source, out, args.before,
+                                                            max(args.cluster_runs, 1))
+
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(render(results))
     print(render(results))
@@ -322,7 +419,21 @@ def render(r: dict[str, Any]) -> str:
                      f"({obs['on_over_off']:.3f}) |")
     lines.append(f"| processing 100 KiB chunks, p50 / p99 | {lat['p50_ms']:.1f} / "
                  f"{lat['p99_ms']:.1f} ms |")
+    if "cluster_mode" in r:
+        cm = r["cluster_mode"]
+        lines.append(f"| cluster mode / embedded, pipeline s | {_runs(cm['cluster_s'])} / "
+                     f"{_runs(cm['embedded_s'])}: cluster at "
+                     f"{cm['cluster_throughput_over_embedded']:.2f} of embedded throughput |")
+    if "before_after" in r:
+        ba = r["before_after"]
+        lines.append(f"| embedded, {ba['rev'][:10]} / this revision, pipeline s | "
+                     f"{_runs(ba['before_s'])} / {_runs(ba['after_s'])}: this revision at "
+                     f"{ba['after_throughput_over_before']:.2f} of the earlier throughput |")
     return "\n".join(lines) + "\n"
+
+
+def _runs(seconds: list[float]) -> str:
+    return ", ".join(f"{s:.2f}" for s in seconds)
 
 
 if __name__ == "__main__":

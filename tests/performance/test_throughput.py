@@ -1,4 +1,8 @@
-"""The request's performance targets, with its own thresholds: the only timed asserts."""
+"""The performance targets users set, with their own thresholds: the only timed asserts.
+
+Both time the code `multicloud run` runs: ingest_batch streams through the run's
+`iter_chunks`, process_chunks through the run's `process_on` on each chunk's node.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Configuration: one pydantic model per YAML file, defaults shipped inside the package.
 
-A config dir holds up to five files named as in the user's request
+A config dir holds up to five files, one per section
 (`ingestion_config.yml`, `processing_config.yml`, `distribution_config.yml`,
 `storage_config.yml`, `cluster_config.yml`). A missing file means defaults; unknown keys
 and bad values are errors that name the file, the key and what would be valid.
@@ -283,7 +283,7 @@ class PipelineConfig:
 
 
 def file_name(section: str) -> str:
-    """The YAML file name of a config section, as in the user's request."""
+    """The YAML file name of a config section, e.g. "ingestion_config.yml"."""
     return f"{section}_config.yml"
 
 

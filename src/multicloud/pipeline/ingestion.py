@@ -186,7 +186,8 @@ class DataIngestionEngine:
         released by the consumer once the chunk is done with: that bounds memory.
         """
         size = self.config.chunk_size_bytes
-        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes, str, str]]]] = deque()
+        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes | memoryview, str, str]]]] = \
+            deque()
         progress: dict[str, _FileProgress] = {}
         try:
             for piece in _plan(files, size):
@@ -209,13 +210,18 @@ class DataIngestionEngine:
                 task.cancel()
             await asyncio.gather(*(task for _, task in window), return_exceptions=True)
 
-    async def _read(self, piece: _Piece) -> tuple[bytes, str, str]:
+    async def _read(self, piece: _Piece) -> tuple[bytes | memoryview, str, str]:
         self.metrics.attempt("ingestion")
         with self.metrics.busy("ingestion"):
+            held = piece.file.data
+            if held is not None:  # in memory already: cut and hash, no copy
+                view = held[piece.offset:piece.offset + piece.length]
+                return (view, *await asyncio.to_thread(_hash, view))
             return await asyncio.to_thread(_read_and_hash, piece.file.path, piece.offset,
                                            piece.length)
 
-    async def _complete(self, piece: _Piece, task: asyncio.Task[tuple[bytes, str, str]],
+    async def _complete(self, piece: _Piece,
+                        task: asyncio.Task[tuple[bytes | memoryview, str, str]],
                         source_cloud: str, progress: dict[str, _FileProgress]) -> Chunk:
         started = time.perf_counter()
         source_file = piece.file
@@ -246,7 +252,8 @@ class DataIngestionEngine:
             self._file_done(source_file, state)
         return Chunk(chunk_id=chunk_id, file=source_file.rel_path, index=piece.index,
                      offset=piece.offset, size_bytes=piece.length, source_cloud=source_cloud,
-                     path=source_file.path, record_format=fmt, csv_columns=state.csv_columns,
+                     path=source_file.path if source_file.data is None else None,
+                     record_format=fmt, csv_columns=state.csv_columns,
                      at_file_end=at_end, line_prefix=prefix, raw_xxh3=raw_xxh3, data=data)
 
     def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
@@ -268,27 +275,15 @@ class DataIngestionEngine:
 
     async def chunk_file(self, name: str, data: bytes | memoryview,
                          source_cloud: str | None = None) -> list[Chunk]:
-        """Chunk in-memory bytes as if they were the file `name`."""
-        size = self.config.chunk_size_bytes
-        view = memoryview(data)
-        cloud = source_cloud or self.default_cloud
-        fmt = SourceFile(name, Path(name), len(view)).record_format
-        chunks = []
-        carry: bytes | None = b""
-        for index, offset in enumerate(range(0, len(view), size)):
-            piece = view[offset:offset + size]
-            chunk_id, raw_xxh3 = await asyncio.to_thread(_hash, piece)
-            prefix = carry if index > 0 else None
-            if fmt is not None:
-                carry = line_carry(prefix if index > 0 else b"", piece)
-            chunks.append(Chunk(chunk_id=chunk_id, file=name, index=index, offset=offset,
-                                size_bytes=len(piece), source_cloud=cloud, record_format=fmt,
-                                csv_columns=_csv_columns(view) if fmt == "csv" else None,
-                                at_file_end=offset + len(piece) >= len(view),
-                                line_prefix=prefix, raw_xxh3=raw_xxh3, data=piece))
-        self.stats.chunks += len(chunks)
-        self.stats.bytes += len(view)
-        return chunks
+        """Chunk in-memory bytes as if they were the file `name`, as a run chunks files.
+
+        The chunks keep their bytes attached (`chunk.data`, views of `data`: no copy).
+        """
+        view = memoryview(data).cast("B")
+        source = SourceFile(name, Path(name), len(view), data=view)
+        async with aclosing(self.iter_chunks([source], source_cloud or self.default_cloud)) \
+                as stream:
+            return [chunk async for chunk in stream]
 
 
 async def read_chunk_bytes(chunk: Chunk) -> bytes | memoryview:

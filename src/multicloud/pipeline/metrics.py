@@ -37,7 +37,7 @@ class StageCounters:
     succeeded: int = 0
     failed: int = 0
     bytes: int = 0
-    recorded: int = 0  # the request's record_stage() count
+    recorded: int = 0  # what record_stage() set: items the stage handed on
     latencies: list[float] = field(default_factory=list)
     busy_seconds: float = 0.0
     active: int = 0

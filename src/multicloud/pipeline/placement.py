@@ -124,3 +124,22 @@ class NetworkAwarePlacement:
 
 def _has_room(node: WorkerNode, size_bytes: int) -> bool:
     return node.used_bytes + size_bytes <= node.capacity_bytes
+
+
+def check_policy(registry: NodeRegistry, config: DistributionConfig,
+                 force_cross_cloud: bool = False) -> None:
+    """Raise InsufficientNodes unless the healthy nodes can hold a batch under the policy."""
+    healthy = registry.healthy_nodes()
+    clouds = {n.cloud for n in healthy}
+    need_clouds = max(config.min_clouds, 2 if force_cross_cloud else 1)
+    if len(healthy) < config.replication_factor:
+        raise InsufficientNodes(
+            f"replication_factor is {config.replication_factor} but only {len(healthy)} "
+            f"healthy node(s) are up; start more nodes or lower replication_factor")
+    if len(clouds) < need_clouds:
+        why = "force_cross_cloud" if force_cross_cloud and config.min_clouds < 2 else \
+            f"min_clouds is {config.min_clouds}"
+        raise InsufficientNodes(
+            f"{why} but healthy nodes span {len(clouds)} cloud(s) "
+            f"({', '.join(sorted(clouds)) or 'none'}); add nodes in another cloud or "
+            f"lower min_clouds")

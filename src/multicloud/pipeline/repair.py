@@ -22,8 +22,10 @@ from multicloud.core.errors import (
     ReplicaRefused,
 )
 from multicloud.pipeline.manifest import Manifest
+from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement
 from multicloud.pipeline.replicas import ReplicaWriter
+from multicloud.pipeline.storage import StorageManager
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +132,48 @@ class Repairer:
             if node_id not in holders and node_id not in targets:
                 targets.append(node_id)
         return targets[:missing]
+
+
+class RepairsOnFailure:
+    """Repairs started the moment a node fails, for the chunks committed so far.
+
+    Each runs as a task held here until `settle()` awaits it, so the final repair pass of
+    a run never races them; `created` counts the replicas they re-created in this run.
+    """
+
+    def __init__(self, repairer: Repairer, storage: StorageManager,
+                 metrics: PipelineMetrics) -> None:
+        self.repairer = repairer
+        self.storage = storage
+        self.metrics = metrics
+        self.created = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, node_id: str) -> None:
+        """Re-replicate the committed chunks node_id held, in the background."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # marked from outside the event loop: the final repair covers it
+        task = loop.create_task(self._repair(node_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait for every repair started so far (a failed one is logged: the final pass
+        covers its chunks)."""
+        while self._tasks:
+            for outcome in await asyncio.gather(*list(self._tasks), return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    log.warning("repair after a node failure failed: %s (the final repair "
+                                "pass covers its chunks)", outcome)
+
+    async def _repair(self, node_id: str) -> None:
+        await self.storage.flush()
+        ids = sorted(self.storage.chunk_ids)
+        holders = await asyncio.to_thread(self.storage.manifest.replicas, ids)
+        affected = [chunk_id for chunk_id, nodes in holders.items() if node_id in nodes]
+        if affected:
+            with self.metrics.busy("storage"):
+                report = await self.repairer.repair(affected)
+            self.created += report.replicas_created

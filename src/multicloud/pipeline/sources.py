@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from multicloud.core.errors import SourceError
@@ -25,6 +25,9 @@ class SourceFile:
     rel_path: str  # relative to the source root, forward slashes
     path: Path  # absolute path to read from
     size: int
+    # The file's bytes when they are in memory already (DataIngestionEngine.chunk_file):
+    # chunks are cut from them instead of read from `path`.
+    data: memoryview | None = field(default=None, compare=False, repr=False)
 
     @property
     def record_format(self) -> str | None:

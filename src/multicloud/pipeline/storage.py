@@ -64,6 +64,15 @@ class StorageManager:
             self._manifest = Manifest(manifest_path(self.registry))
         return self._manifest
 
+    async def load_node_usage(self) -> None:
+        """Tell each node what the manifest says it holds, so placement skips a node
+        without room for a chunk; a disk that filled up in an earlier run may have room
+        again, so no node starts the run marked full."""
+        usage = await asyncio.to_thread(self.manifest.node_usage)
+        for node_id, node in self.registry.nodes.items():
+            node.used_bytes = usage.get(node_id, (0, 0))[1]
+            node.full = False
+
     def begin(self, batch_id: str) -> None:
         """Commit what follows under this batch."""
         self.batch_id = batch_id

@@ -28,7 +28,6 @@ from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import PipelineConfig, load_config
 from multicloud.core.errors import (
-    InsufficientNodes,
     MulticloudError,
     ValidationFailed,
 )
@@ -47,9 +46,9 @@ from multicloud.pipeline.distribution import DistributionCoordinator
 from multicloud.pipeline.events import EventSink
 from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
 from multicloud.pipeline.metrics import PipelineMetrics
-from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.placement import NetworkAwarePlacement, check_policy
 from multicloud.pipeline.processing import ProcessingWorkerPool
-from multicloud.pipeline.repair import Repairer, RepairReport
+from multicloud.pipeline.repair import Repairer, RepairReport, RepairsOnFailure
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.restore import BatchRestorer
 from multicloud.pipeline.sources import SourceFile, list_source
@@ -88,9 +87,8 @@ class PipelineOrchestrator:
         self.repairer = Repairer(node_registry, lambda: self.storage_manager.manifest,
                                  config.distribution, self.writer,
                                  self.storage_manager.record_replica, placement)
-        # Repairs started the moment a node fails, for the chunks committed so far.
-        self._repairs: set[asyncio.Task[None]] = set()
-        self._repaired_early = 0  # replicas those repairs re-created in this run
+        self.repairs_on_failure = RepairsOnFailure(self.repairer, self.storage_manager,
+                                                   self.metrics)
         self._unsubscribe = node_registry.subscribe(self._on_node_status)
 
     # -- the run's state, as the user's dashboard code reads it ----------------------------
@@ -157,7 +155,7 @@ class PipelineOrchestrator:
         batch_id = str(batch_config.get("batch_id") or f"batch-{int(time.time())}")
         self.metrics.reset()
         self.ingestion_engine.reset()
-        self._repaired_early = 0
+        self.repairs_on_failure.created = 0
         self.live.begin(batch_id, Stage.INGESTION.value)
         started = time.perf_counter()
         ledger_before = self.node_registry.client.ledger.snapshot()
@@ -166,13 +164,13 @@ class PipelineOrchestrator:
             source, cloud = self.ingestion_engine.resolve(batch_config)
             force = bool(batch_config.get("force_cross_cloud", False))
             files = await asyncio.to_thread(list_source, source)
-            self._check_policy(force)
+            check_policy(self.node_registry, self.config.distribution, force)
             self.live.total_bytes = sum(f.size for f in files)
             manifest = self.storage_manager.manifest
             await asyncio.to_thread(manifest.begin_batch, batch_id, str(source), cloud)
             begun = True
             self.storage_manager.begin(batch_id)
-            await self._load_node_usage()
+            await self.storage_manager.load_node_usage()
             await self.processing_pool.configure_nodes()
             self.live.emit("pipeline_started",
                            f"batch {batch_id}: {len(files)} files, {self.live.total_bytes} "
@@ -207,36 +205,12 @@ class PipelineOrchestrator:
     async def close(self) -> None:
         """Finish background writes and repairs, release the manifest, stop listening."""
         await self.distribution_coordinator.drain()
-        await self._settle_repairs()
+        await self.repairs_on_failure.settle()
         self._unsubscribe()
         self.writer.close()
         self.storage_manager.close()
 
     # -- one run ----------------------------------------------------------------------------
-
-    def _check_policy(self, force_cross_cloud: bool) -> None:
-        dist = self.config.distribution
-        healthy = self.node_registry.healthy_nodes()
-        clouds = {n.cloud for n in healthy}
-        need_clouds = max(dist.min_clouds, 2 if force_cross_cloud else 1)
-        if len(healthy) < dist.replication_factor:
-            raise InsufficientNodes(
-                f"replication_factor is {dist.replication_factor} but only {len(healthy)} "
-                f"healthy node(s) are up; start more nodes or lower replication_factor")
-        if len(clouds) < need_clouds:
-            why = "force_cross_cloud" if force_cross_cloud and dist.min_clouds < 2 else \
-                f"min_clouds is {dist.min_clouds}"
-            raise InsufficientNodes(
-                f"{why} but healthy nodes span {len(clouds)} cloud(s) "
-                f"({', '.join(sorted(clouds)) or 'none'}); add nodes in another cloud or "
-                f"lower min_clouds")
-
-    async def _load_node_usage(self) -> None:
-        """What each node already holds, so placement skips a node without room for a chunk."""
-        usage = await asyncio.to_thread(self.storage_manager.manifest.node_usage)
-        for node_id, node in self.node_registry.nodes.items():
-            node.used_bytes = usage.get(node_id, (0, 0))[1]
-            node.full = False  # a disk that filled up in an earlier run may have room again
 
     async def _stream(self, files: list[SourceFile], cloud: str, force: bool) -> None:
         ingestion = self.config.ingestion
@@ -284,8 +258,8 @@ class PipelineOrchestrator:
         stats = self.ingestion_engine.stats
         await asyncio.to_thread(storage.manifest.add_files, batch_id, stats.file_entries)
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
-        await self._settle_repairs()
-        early = self._repaired_early
+        await self.repairs_on_failure.settle()
+        early = self.repairs_on_failure.created
         repair = await self._final_repair(early) if self.config.storage.repair else None
         by_cloud, by_node = await storage.usage_by_place()
         facts = RunFacts(
@@ -330,7 +304,7 @@ class PipelineOrchestrator:
                     begun: bool) -> PipelineResult:
         self.live.status = PipelineStatus.FAILED
         await self.distribution_coordinator.drain()
-        await self._settle_repairs()
+        await self.repairs_on_failure.settle()
         summary = self.metrics.get_summary()
         summary["node_failures_handled"] = self.live.node_failures_handled
         duration = time.perf_counter() - started
@@ -339,11 +313,16 @@ class PipelineOrchestrator:
                                 bytes_processed=self.live.committed_bytes, metrics=summary,
                                 error=str(error))
         if begun:
+            # Writes in flight held disk space until they were drained above: what could
+            # not be recorded then may fit now. The run's own error is the one to report.
             try:
                 await self.storage_manager.flush()
+            except MulticloudError as exc:
+                log.error("could not record the last replicas of batch %s: %s", batch_id, exc)
+            try:
                 await asyncio.to_thread(self.storage_manager.manifest.finish_batch, batch_id,
                                         "failed", result.to_dict())
-            except MulticloudError as exc:  # the run's own error is the one to report
+            except MulticloudError as exc:
                 log.error("could not record the failure of batch %s: %s", batch_id, exc)
         self.live.end(PipelineStatus.FAILED)
         self.live.emit("pipeline_finished", f"batch {batch_id}: failed: {error}", level="error",
@@ -369,41 +348,11 @@ class PipelineOrchestrator:
             self.live.emit("node_unhealthy", f"{node.id} ({node.cloud}/{node.region}): "
                            f"{reason}", level="warning", node_id=node.id, cloud=node.cloud,
                            region=node.region, reason=reason)
-            self._start_repair(node.id)
+            if self.config.storage.repair:
+                self.repairs_on_failure.start(node.id)
         else:
             self.live.emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
                            reason=reason)
-
-    def _start_repair(self, node_id: str) -> None:
-        """Re-replicate the committed chunks the failed node held, now, not at the end."""
-        if not self.config.storage.repair:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # marked from outside the event loop: the final repair covers it
-        task = loop.create_task(self._repair_after_failure(node_id))
-        self._repairs.add(task)
-        task.add_done_callback(self._repairs.discard)
-
-    async def _repair_after_failure(self, node_id: str) -> None:
-        storage = self.storage_manager
-        await storage.flush()
-        ids = sorted(storage.chunk_ids)
-        holders = await asyncio.to_thread(storage.manifest.replicas, ids)
-        affected = [chunk_id for chunk_id, nodes in holders.items() if node_id in nodes]
-        if affected:
-            with self.metrics.busy("storage"):
-                report = await self.repairer.repair(affected)
-            self._repaired_early += report.replicas_created
-
-    async def _settle_repairs(self) -> None:
-        """Wait for the repairs started by failures (the final pass must not race them)."""
-        while self._repairs:
-            for outcome in await asyncio.gather(*list(self._repairs), return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    log.warning("repair after a node failure failed: %s (the final repair "
-                                "pass covers its chunks)", outcome)
 
     def _restorer(self) -> BatchRestorer:
         return BatchRestorer(self.node_registry, self.storage_manager.manifest,

@@ -1,4 +1,4 @@
-"""The five-minute demo from the user's request, on the embedded cluster or real processes.
+"""The five-minute demo, on the embedded cluster or real processes.
 
 1. Cluster status  2. The pipeline on a 1 GiB dataset  3. Results  4. Failure recovery:
 a second batch during which a node fails (marked unhealthy in the embedded cluster; killed

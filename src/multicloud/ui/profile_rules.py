@@ -19,7 +19,7 @@ from multicloud.core.types import PipelineResult
 log = logging.getLogger(__name__)
 
 MB = 1_000_000
-BOTTLENECK_SHARE = 0.30  # the request's threshold: a stage over 30% of the busy time
+BOTTLENECK_SHARE = 0.30  # a stage over 30% of the summed busy time is a bottleneck
 SECTIONS = ("ingestion", "processing", "distribution", "storage", "cluster")
 ConfigValue = int | float | bool | str
 RunCallback = Callable[[int, int, PipelineResult], None]  # (run number, of runs, result)
@@ -35,7 +35,7 @@ class StageShare(TypedDict):
 
 @dataclass(frozen=True, slots=True)
 class Bottleneck:
-    """A stage over the threshold (the request's dict keys, as fields)."""
+    """A stage over the threshold: its name, busy seconds and share."""
 
     stage: str
     duration: float  # mean busy seconds per run

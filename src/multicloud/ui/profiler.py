@@ -3,7 +3,7 @@
 The four stages overlap (chunks stream through all of them at once), so a stage's time is
 its busy time: the wall-clock time during which at least one chunk was in it. A stage's
 share is its busy time over the *summed* busy time of all four, not over the run's
-duration; a stage above 30% is a bottleneck, as in the user's request. A stage starved by
+duration; a stage above 30% of it is a bottleneck. A stage starved by
 a slow upstream stage also accrues busy time (its chunks trickle in), so the largest share
 is the one to act on first.
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class PerformanceProfiler:
-    """Profile pipeline performance to identify bottlenecks (the request's class)."""
+    """Profile pipeline performance to identify bottlenecks."""
 
     def __init__(self, config: PipelineConfig | None = None, *, cores: int | None = None,
                  threshold: float = BOTTLENECK_SHARE) -> None:
@@ -64,7 +64,7 @@ class PerformanceProfiler:
             timeline, metrics, source_cloud))
 
     def profile_pipeline_run(self, orchestrator: PipelineOrchestrator) -> str:
-        """Profile the orchestrator's last run (the request's method); returns the report.
+        """Profile the orchestrator's last run; returns the report.
 
         Use this or `record_run` for a run, not both: each adds the run once.
         """
