@@ -36,11 +36,9 @@ from multicloud.core.config import ProcessingConfig, ServiceConfig
 from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
-    InvalidChunkId,
     MulticloudError,
     NodeUnavailable,
     StorageError,
-    TransferTimeout,
 )
 from multicloud.core.messages import NodeAddress, Reply, Request
 from multicloud.core.network import Location
@@ -48,6 +46,8 @@ from multicloud.core.types import MAX_PREFIX_ON_WIRE, BlobInfo, Chunk, ReplicaAc
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
 from multicloud.ui.cli import build_parser
+from wire_support import example_error
+from wire_support import odd_server as odd_answers
 
 TOKEN = "unit-token"
 MIB = 1024 * 1024
@@ -127,7 +127,7 @@ async def test_a_large_body_round_trips_streamed_both_ways(node: NodeServer,
                                                            comm: HttpComm) -> None:
     data = random.Random(7).randbytes(6 * MIB)
     blob, info = make_blob(data)
-    assert len(blob) > 4 * PIECE  # over the threshold: sent, and answered, in pieces
+    assert len(blob) > PIECE  # over the threshold: sent, and answered, in pieces
     reply = await comm.call(address(node), put(info, memoryview(blob), GCP))
     assert reply.body is None
     ack = ReplicaAck.from_json(reply.meta["ack"])
@@ -268,16 +268,6 @@ async def failing(tmp_path: Path, comm: HttpComm) -> AsyncIterator[tuple[Failing
         service.close()
 
 
-def example_of(cls: type[MulticloudError]) -> MulticloudError:
-    if cls is NodeUnavailable:
-        return NodeUnavailable("gcp-node-9", "connection refused")
-    if cls is InvalidChunkId:
-        return InvalidChunkId("not-hex")
-    if cls is TransferTimeout:
-        return TransferTimeout("aws-node-1", "gcp-node-2", 2.5)
-    return cls(f"a {cls.__name__}, ü")
-
-
 async def status_of(url: str, op: str = "health") -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession(headers=auth_header(TOKEN)) as http, \
             http.post(f"{url}/v1/{op}") as resp:
@@ -289,7 +279,7 @@ async def test_every_error_crosses_http_as_itself(failing: tuple[FailingService,
     service, url = failing
     target = NodeAddress("aws-node-1", AWS, url)
     for cls, code in errors._CODES.items():
-        exc = service.failure = example_of(cls)
+        exc = service.failure = example_error(cls)
         status, body = await status_of(url)
         assert (status, body["error"]) == (wire.STATUS[code], code)
         with pytest.raises(cls) as info:
@@ -314,15 +304,8 @@ async def test_a_bug_in_a_node_is_a_500_storage_error(failing: tuple[FailingServ
 @pytest.fixture
 async def odd_server() -> AsyncIterator[tuple[NodeAddress, list[web.StreamResponse]]]:
     """A server that answers each request with the next prepared response."""
-    answers: list[web.StreamResponse] = []
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        return answers.pop(0)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    async with TestServer(app, host="127.0.0.1") as server:
-        yield NodeAddress("aws-node-1", AWS, str(server.make_url(""))), answers
+    async with odd_answers() as (url, answers):
+        yield NodeAddress("aws-node-1", AWS, url), answers
 
 
 @pytest.mark.parametrize(("answer", "raised", "text"), [

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from multicloud import PipelineConfig, PipelineOrchestrator
 from multicloud.blob import TransformChain
@@ -41,6 +40,7 @@ from multicloud.core.errors import ClusterError, NodeUnavailable
 from multicloud.core.messages import NodeAddress, Request
 from multicloud.core.network import Location
 from multicloud.core.types import Chunk, NodeStatus
+from wire_support import odd_server
 
 TOKEN = "unit-token"
 SERVICE = ServiceConfig(heartbeat_interval_s=0.05, failure_timeout_s=0.4)
@@ -298,17 +298,10 @@ async def test_connect_cluster_and_fetch_nodes_errors(registry_server: RegistryS
 
 
 @pytest.fixture
-async def odd_registry() -> AsyncIterator[tuple[str, list[web.Response]]]:
+async def odd_registry() -> AsyncIterator[tuple[str, list[web.StreamResponse]]]:
     """A server that answers each request with the next prepared response."""
-    answers: list[web.Response] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        return answers.pop(0)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    async with TestServer(app, host="127.0.0.1") as server:
-        yield str(server.make_url("")).rstrip("/"), answers
+    async with odd_server() as served:
+        yield served
 
 
 async def test_a_registry_that_answers_oddly(tmp_path: Path,

@@ -35,6 +35,7 @@ from multicloud.core.errors import (
 from multicloud.core.messages import NodeAddress
 from multicloud.core.network import Link, Location, NetworkTopology
 from multicloud.core.types import MAX_PREFIX_ON_WIRE, BlobInfo, Chunk, ReplicaAck
+from wire_support import example_error
 
 HEX = "0123456789abcdef"
 ORIGIN = Location("aws", "us-east-1")
@@ -183,23 +184,12 @@ def test_a_link_of_an_unknown_kind_is_refused() -> None:
 
 # -- errors ----------------------------------------------------------------------------------
 
-def example_of(cls: type[MulticloudError]) -> MulticloudError:
-    """An instance of an error class, with the arguments its constructor needs."""
-    if cls is NodeUnavailable:
-        return NodeUnavailable("gcp-node-9", "connection refused")
-    if cls is InvalidChunkId:
-        return InvalidChunkId("not-hex")
-    if cls is TransferTimeout:
-        return TransferTimeout("aws-node-1", "gcp-node-2", 2.5)
-    return cls(f"a {cls.__name__} with 'quotes', ü and\na newline")
-
-
 CODED = sorted(errors._CODES.items(), key=lambda item: item[1])
 
 
 @pytest.mark.parametrize(("cls", "code"), CODED, ids=[code for _, code in CODED])
 def test_every_error_comes_back_as_itself(cls: type[MulticloudError], code: str) -> None:
-    exc = example_of(cls)
+    exc = example_error(cls)
     body = to_wire(exc)
     assert body["error"] == code
     assert code in wire.STATUS  # every code has its HTTP status

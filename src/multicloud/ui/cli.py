@@ -213,7 +213,7 @@ async def _open(args: argparse.Namespace,
 def _require_manifest(args: argparse.Namespace) -> None:
     if not (args.data_dir / MANIFEST_FILE).exists():
         raise UsageError(f"no pipeline has run with data dir {args.data_dir} yet: "
-                       f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
+                         f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -260,7 +260,7 @@ async def cmd_node(args: argparse.Namespace) -> int:
     region = args.region or (regions[0] if regions else None)
     if region is None:
         raise UsageError(f"cloud {args.cloud!r} has no regions in cluster_config.yml "
-                       f"(known: {', '.join(sorted(config.cluster.regions))}); pass --region")
+                         f"(known: {', '.join(sorted(config.cluster.regions))}); pass --region")
     service = config.cluster.service
     token = resolve_token(args.token_file, args.data_dir)
     server = NodeServer(args.data_dir, token, args.cloud, region, node_id=args.node_id,
