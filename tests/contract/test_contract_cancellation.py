@@ -50,3 +50,36 @@ async def test_a_cancelled_replicate_leaves_nothing_at_the_target(cluster: Clust
     assert blob.chunk_id not in await cluster.client.inventory(cluster.get(dst))
     assert temp_files(cluster, dst) == []
     assert await gate.held() == 1  # nothing else arrived at the gate
+
+
+async def test_a_cancelled_write_already_on_the_disk_is_taken_back(cluster: Cluster) -> None:
+    """The cancel arrives while the disk write runs (it cannot be stopped): once it has
+    finished, the node removes the object it made, and the chunk's lock held throughout."""
+    blob = await stage(cluster, "aws-node-1")
+    dst = cluster.get("gcp-node-1")
+    await cluster.faults.hold_disk(dst.id)
+    replicate = asyncio.create_task(
+        cluster.client.replicate(cluster.get("aws-node-1"), dst, blob))
+    try:
+        await within(cluster.faults.wait_disk_held(dst.id))
+        replicate.cancel()
+
+        async def cancel_arrived() -> bool:  # over HTTP it crosses two hops to get there
+            return bool((await cluster.faults.state(dst.id))["undoing"])
+
+        await wait_until(cancel_arrived, "the cancel to reach the write on the disk")
+    finally:
+        await cluster.faults.release_disk(dst.id)
+    with pytest.raises(asyncio.CancelledError):
+        await replicate  # in-process, the cancelled task waits for the disk write too
+
+    async def taken_back() -> bool:
+        return (bool(await write_requests(cluster, dst.id, "put"))
+                and blob.chunk_id not in await cluster.client.inventory(dst))
+
+    await wait_until(taken_back, "the cancelled write to be taken back")
+    assert await write_requests(cluster, dst.id, "put") == {"cancelled": 1.0}
+    assert temp_files(cluster, dst.id) == []
+    # A write that was not cancelled still lands: the gate is gone with the release.
+    await cluster.client.replicate(cluster.get("aws-node-1"), dst, blob)
+    assert await cluster.client.check(dst, blob.chunk_id) == "ok"

@@ -6,8 +6,6 @@ sent anything (a partition stops the sender first) is not.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from contract_support import push, stage
 
@@ -51,12 +49,12 @@ async def test_a_push_refused_by_a_full_disk_is_charged(cluster: Cluster) -> Non
     assert refused.egress_usd == pytest.approx(blob.blob_size / 1e9 * 0.12)  # gcp internet
 
 
-async def test_a_push_refused_for_damaged_bytes_is_charged(cluster: Cluster) -> None:
+async def test_a_push_whose_target_crashes_mid_write_is_charged(cluster: Cluster) -> None:
     blob = await stage(cluster, "aws-node-1")
-    wrong = dataclasses.replace(blob, blob_checksum="0" * 32)  # dst refuses what arrives
+    await cluster.faults.crash_during_write("aws-node-2")  # the bytes arrive, then it dies
     before = cluster.client.ledger.snapshot()
     with pytest.raises(ReplicaRefused):
-        await push(cluster, "aws-node-1", "aws-node-2", wrong)
+        await push(cluster, "aws-node-1", "aws-node-2", blob)
     delta = pushes_since(cluster, before)
     assert [(name, t.bytes) for name, t in delta.items()] == [
         ("aws/us-east-1->aws/us-west-2", blob.blob_size)]

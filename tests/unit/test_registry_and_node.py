@@ -259,11 +259,33 @@ async def test_process_stages_until_released(service: NodeService) -> None:
     assert ack.blob_checksum == info.blob_checksum
     service.release(info.chunk_id)
     assert service.staged_blob(info.chunk_id) is None
-    assert await service.blob_for_push(info.chunk_id) == await service.read(info.chunk_id)
+    # Released: a push sends the stored copy, with the checksum of those bytes.
+    stored = await service.read(info.chunk_id)
+    assert await service.blob_for_push(info.chunk_id) == (stored, blob_checksum(stored))
     with pytest.raises(ChunkNotFound):
         await service.persist_staged(info.chunk_id)
 
 
+async def test_a_chunk_processed_twice_keeps_its_first_blob(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encryption draws a fresh nonce: a second processing of a staged chunk makes other
+    bytes, so it must hand out the staged blob's info, or its pushes would be refused."""
+    monkeypatch.setenv("MULTICLOUD_ENCRYPTION_KEY", "ab" * 32)
+    encrypting = ProcessingConfig(transforms=["validate", "compress", "encrypt"])
+    node = NodeService("n1", Location("aws", "us-east-1"), ChunkStore(tmp_path / "n1"),
+                       LocalComm({}), encrypting)
+    try:
+        first = await node.process(make_chunk(DATA), DATA)
+        second = await node.process(make_chunk(DATA), DATA)
+        assert second == first
+        staged = node.staged_blob(first.chunk_id)
+        assert staged is not None
+        assert blob_checksum(staged) == first.blob_checksum
+        assert (await node.persist_staged(first.chunk_id)).blob_checksum == first.blob_checksum
+    finally:
+        node.close()
+
+
 async def test_configure_changes_worker_slots(node_registry: Cluster) -> None:
     await node_registry.configure(ProcessingConfig(max_workers_per_node=7))
-    assert {s.max_workers for s in local_services(node_registry).values()} == {7}
+    assert {s.worker_slots for s in local_services(node_registry).values()} == {7}

@@ -10,6 +10,7 @@ cluster, and `<data_dir>/nodes/<node_id>/` holds each node's chunk store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from multicloud.comm.cluster import Cluster
 from multicloud.comm.local import LocalComm
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ClusterConfig, NodeSpec, StorageConfig
-from multicloud.core.errors import ConfigError
+from multicloud.core.errors import ConfigError, storage_error
 from multicloud.core.network import Location, NetworkTopology
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
@@ -134,11 +135,17 @@ def _merge_membership(root: Path, wanted: list[NodeSpec], write: bool) -> list[N
         merged.setdefault(spec.id, spec)
     specs = sorted(merged.values(), key=lambda s: s.id)
     if write and merged != known:
-        root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as handle:
-            handle.write(json.dumps({"nodes": [s.model_dump() for s in specs]}, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w") as handle:
+                handle.write(json.dumps({"nodes": [s.model_dump() for s in specs]}, indent=2))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise storage_error(exc, f"cannot record the cluster's membership in {path}") \
+                from exc
     return specs

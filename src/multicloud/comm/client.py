@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ProcessingConfig
-from multicloud.core.errors import NodeUnavailable, ReplicaRefused, from_wire
+from multicloud.core.errors import NodeUnavailable, ReplicaRefused, StorageError, from_wire
 from multicloud.core.messages import Body, Channel, Reply, Request
 from multicloud.core.network import LinkEmulator, Location, NetworkTopology, TrafficLedger
 from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
@@ -34,6 +34,9 @@ class NodeClient:
         self.time_scale = time_scale
         self.ledger = TrafficLedger()
         self.links = LinkEmulator(time_scale)  # for the source bytes this side sends
+        # The run's transform chain, sent with every chunk: a node that missed `configure`
+        # (down at the start of the run, restarted since) still processes with it.
+        self._processing: dict[str, Any] | None = None
 
     async def ping(self, node: WorkerNode, timeout_s: float = PING_S) -> None:
         """Raise NodeUnavailable unless node answers a health check within timeout_s."""
@@ -46,7 +49,8 @@ class NodeClient:
 
     async def configure(self, node: WorkerNode, processing: ProcessingConfig) -> None:
         """Give node the transform chain, its worker slots and the link time scale."""
-        await self._call(node, "configure", {"processing": processing.model_dump(mode="json"),
+        self._processing = processing.model_dump(mode="json")
+        await self._call(node, "configure", {"processing": self._processing,
                                              "time_scale": self.time_scale})
 
     async def process(self, node: WorkerNode, chunk: Chunk, data: Body,
@@ -56,7 +60,10 @@ class NodeClient:
         link = self.topology.link(origin, node.location)
         self.ledger.charge(link, len(data))
         await self.links.transfer(f"bucket {origin}", link, len(data))
-        reply = await self._call(node, "process", {"chunk": chunk.to_json()}, data, origin)
+        meta: dict[str, Any] = {"chunk": chunk.to_json()}
+        if self._processing is not None:
+            meta["processing"] = self._processing
+        reply = await self._call(node, "process", meta, data, origin)
         return BlobInfo.from_json(reply.meta["blob"])
 
     async def replicate(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo) -> ReplicaAck:
@@ -69,19 +76,28 @@ class NodeClient:
             unavailable = NodeUnavailable(dst.id, "marked unhealthy")
             raise ReplicaRefused(dst.id, blob.chunk_id, unavailable)
         link = self.topology.link(src.location, dst.location)
-        reply = await self._call(src, "push", {
-            "chunk_id": blob.chunk_id, "checksum": blob.blob_checksum,
-            "target": dst.address.to_json(), "link": link.to_json()})
+        reply = await self._call(src, "push", {"chunk_id": blob.chunk_id,
+                                               "target": dst.address.to_json(),
+                                               "link": link.to_json()})
         sent = int(reply.meta.get("sent_bytes", 0))
         if sent:
             self.ledger.charge(link, sent)
         if reply.meta.get("error"):
             raise ReplicaRefused(dst.id, blob.chunk_id, from_wire(reply.meta["error"]))
-        return ReplicaAck.from_json(reply.meta["ack"])
+        ack = ReplicaAck.from_json(reply.meta["ack"])
+        if (ack.node_id, ack.chunk_id) != (dst.id, blob.chunk_id):
+            raise StorageError(f"node {src.id} answered a push of chunk {blob.chunk_id[:12]} "
+                               f"to {dst.id} with an ack of {ack.chunk_id[:12]} on {ack.node_id}")
+        return ack
 
     async def release(self, node: WorkerNode, chunk_id: str) -> None:
-        """Let node drop the staged blob of a chunk whose writes have all finished."""
-        await self.channel.call(node.address, Request("release", {"chunk_id": chunk_id}))
+        """Let node drop the staged blob of a chunk whose writes have all finished (even a
+        node marked unhealthy, which may hold it yet; one that hangs is given up on)."""
+        try:
+            async with asyncio.timeout(PING_S):
+                await self.channel.call(node.address, Request("release", {"chunk_id": chunk_id}))
+        except TimeoutError:
+            raise NodeUnavailable(node.id, f"no answer to a release in {PING_S}s") from None
 
     async def read(self, node: WorkerNode, chunk_id: str, dest: Location) -> bytes:
         """Fetch a verified blob from node to dest (a restore)."""

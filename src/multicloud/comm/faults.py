@@ -56,7 +56,8 @@ class Faults:
         return reply.meta
 
     async def state(self, node_id: str) -> dict[str, Any]:
-        """The faults switched on at node_id: crashed, partitions, quota_bytes, held."""
+        """The faults switched on at node_id: crashed, partitions, quota_bytes, held, and
+        undoing (cancelled writes waiting for their disk write to take it back)."""
         return await self.send(node_id, "state")
 
     async def crash(self, node_id: str) -> None:
@@ -95,6 +96,18 @@ class Faults:
     async def disk_full(self, node_id: str, full: bool = True) -> None:
         """Fill the node's disk (every new write fails with DiskFull), or free it again."""
         await self.send(node_id, "disk_full", full=full)
+
+    async def hold_disk(self, node_id: str) -> None:
+        """Stop every write to node_id on its disk, before the rename that commits it."""
+        await self.send(node_id, "hold_disk")
+
+    async def wait_disk_held(self, node_id: str) -> None:
+        """Wait until a write to node_id stopped on its disk."""
+        await self.send(node_id, "wait_disk_held")
+
+    async def release_disk(self, node_id: str) -> None:
+        """Let writes to node_id's disk go on."""
+        await self.send(node_id, "release_disk")
 
     async def hold_writes(self, node_id: str) -> WriteGate:
         """Hold every write to node until the returned gate is released."""

@@ -41,14 +41,20 @@ async def fetch_nodes(registry_url: str, token: str,
                                    f"MULTICLOUD_TOKEN or the data dir's token file")
             if resp.status != 200:
                 raise ClusterError(f"the registry at {registry_url} answered {resp.status}")
-            body = await resp.json()
+            body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the registry at {registry_url}: {exc}; is "
                            f"`multicloud registry` (or `multicloud cluster up`) running?") from exc
+    except ValueError as exc:
+        raise ClusterError(f"{registry_url} answered with something that is not a node "
+                           f"list ({exc}); is it a multicloud registry?") from exc
     finally:
         if owned:
             await client.close()
-    nodes: list[dict[str, Any]] = body["nodes"]
+    nodes = body.get("nodes") if isinstance(body, dict) else None
+    if not isinstance(nodes, list):
+        raise ClusterError(f"{registry_url} answered without a node list; is it a "
+                           f"multicloud registry?")
     return nodes
 
 
@@ -99,10 +105,11 @@ class MembershipWatcher:
             await asyncio.sleep(self.interval_s)
             try:
                 views = await fetch_nodes(self.registry_url, "", self._session)
-            except ClusterError as exc:
+                self.apply(views)
+            except (ClusterError, ValueError, KeyError, TypeError) as exc:
+                # A registry restarting, or an answer that is not one: keep watching.
                 log.debug("registry poll failed (keeping the last membership): %s", exc)
                 continue
-            self.apply(views)
             self.synced.set()
 
     def apply(self, views: list[dict[str, Any]]) -> None:
@@ -121,8 +128,6 @@ class MembershipWatcher:
                 reason = ("missed heartbeats" if status is NodeStatus.UNHEALTHY
                           else "heartbeats resumed")
                 node.set_status(status, reason)
-
-
 
 
 class RegistryClient:

@@ -258,6 +258,9 @@ _FILES: dict[str, type[_Strict]] = {
 }
 
 
+_BLOB_OVERHEAD = 4096  # envelope header, nonce and tag, and zstd's worst case, rounded up
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """All five config sections together."""
@@ -267,6 +270,16 @@ class PipelineConfig:
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        # Every blob crosses the wire whole (to a processing node, then to its replicas):
+        # a chunk larger than a node takes would fail only in cluster mode, and only late.
+        limit = self.cluster.service.max_body_mb * 1024 * 1024
+        if self.ingestion.chunk_size_bytes + _BLOB_OVERHEAD > limit:
+            raise ConfigError(
+                f"ingestion.chunk_size_mb is {self.ingestion.chunk_size_mb} but nodes take "
+                f"bodies of at most {self.cluster.service.max_body_mb} MB "
+                f"(cluster.service.max_body_mb): lower chunk_size_mb or raise max_body_mb")
 
     def replace(self, **sections: Any) -> PipelineConfig:
         """A copy with some sections swapped or updated (dicts update fields)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class WriteGate:
+class HeldWrites:
     """Holds every write to the node until released, so a test can act at an exact moment."""
 
     held: int = 0
@@ -30,7 +30,7 @@ class NodeFaults:
     def __init__(self, seed: int | str = 0) -> None:
         self.crashed = False
         self.partitions: set[frozenset[str]] = set()
-        self.gate: WriteGate | None = None
+        self.gate: HeldWrites | None = None
         self.rng = random.Random(seed)
         self._crash_on_write: int | None = None
 

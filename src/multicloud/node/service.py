@@ -9,14 +9,22 @@ once, here.
 
 Writes are verified against the sender's checksum before they are made durable, and a
 write whose request is cancelled (the caller timed out, or gave up on the node) removes
-the object it had created, so that nothing lands that nobody recorded.
+the object it had created once the disk write it could not stop has finished.
+
+A chunk's blobs are not all the same bytes: encryption draws a fresh nonce, so two
+processings of one chunk, or its replicas from two batches, differ while holding the same
+raw bytes (the chunk id is the identity; restore checks it). So a node pushes its blob
+with the checksum of the bytes it holds, and a chunk processed twice while staged keeps
+its first blob and the info that goes with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +47,7 @@ from multicloud.core.errors import (
 from multicloud.core.messages import Body, Channel, NodeAddress, Reply, Request
 from multicloud.core.network import Link, LinkEmulator, Location
 from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
-from multicloud.node.faults import NodeFaults, WriteGate
+from multicloud.node.faults import HeldWrites, NodeFaults
 from multicloud.node.metrics import NodeMetrics
 from multicloud.node.store import ChunkStore, check_chunk_id
 
@@ -110,11 +118,13 @@ class NodeService:
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix=f"{node_id}-io")
         self._workers: ThreadPoolExecutor | None = None
         self._chain: TransformChain | None = None
-        self._staged: dict[str, bytes] = {}
+        self._staged: dict[str, tuple[bytes, BlobInfo]] = {}
         # The same chunk can be in flight twice at once (identical pieces of two files):
         # a staged blob stays until every processing of it has been released.
         self._staged_refs: dict[str, int] = {}
         self._chunk_locks = _ChunkLocks()
+        self._processing_key = ""  # the configured transform chain, as JSON
+        self._undoing = 0  # cancelled writes waiting for their disk write, to take it back
         self._ops: dict[str, Handler] = {
             "health": self._op_health, "configure": self._op_configure,
             "process": self._op_process, "push": self._op_push, "put": self._op_put,
@@ -181,8 +191,13 @@ class NodeService:
         self._count_received(request.sender, len(data))
         try:
             chunk = Chunk.from_json(_arg(request, "chunk"))
+            wanted = request.meta.get("processing")
+            if wanted is not None and _key(wanted) != self._processing_key:
+                # A node that missed the run's `configure` (down at the start, restarted
+                # since) processes with the run's chain all the same.
+                self.configure(ProcessingConfig.model_validate(wanted))
         except (TypeError, ValueError, AttributeError) as exc:
-            raise ClusterError(f"a 'process' request with bad chunk metadata: {exc}") from None
+            raise ClusterError(f"a 'process' request with bad metadata: {exc}") from None
         info = await self.process(chunk, data)
         return Reply({"blob": info.to_json()})
 
@@ -193,8 +208,7 @@ class NodeService:
         except (KeyError, TypeError, ValueError) as exc:
             raise ClusterError(f"a 'push' request needs a valid target and link: {exc}") \
                 from None
-        result = await self.push(check_chunk_id(_arg(request, "chunk_id")),
-                                 str(_arg(request, "checksum")), target, link)
+        result = await self.push(check_chunk_id(_arg(request, "chunk_id")), target, link)
         return Reply(result.to_json())
 
     async def _op_put(self, request: Request) -> Reply:
@@ -258,7 +272,8 @@ class NodeService:
         self._workers = ThreadPoolExecutor(processing.max_workers_per_node,
                                            thread_name_prefix=f"{self.node_id}-worker")
         self._chain = chain
-        self.max_workers = processing.max_workers_per_node
+        self.worker_slots = processing.max_workers_per_node
+        self._processing_key = _key(processing.model_dump(mode="json"))
         if time_scale is not None:
             self.links = LinkEmulator(time_scale)
         if old is not None:
@@ -269,13 +284,16 @@ class NodeService:
         if self._workers is None or self._chain is None:  # pragma: no cover - set in __init__
             raise RuntimeError("NodeService.configure() was not called")
         blob, info = await self._run(self._workers, self._chain.apply, chunk, data)
-        self._staged.setdefault(info.chunk_id, blob)
+        # Already staged (identical pieces of two files): keep the first blob, whose info
+        # distribution is writing with, and hand out that info again.
+        blob, info = self._staged.setdefault(info.chunk_id, (blob, info))
         self._staged_refs[info.chunk_id] = self._staged_refs.get(info.chunk_id, 0) + 1
         return info
 
     def staged_blob(self, chunk_id: str) -> bytes | None:
         """The staged blob of a processed chunk, if still held."""
-        return self._staged.get(chunk_id)
+        staged = self._staged.get(chunk_id)
+        return staged[0] if staged else None
 
     def release(self, chunk_id: str) -> None:
         """Drop a staged blob once every replica write for it has finished."""
@@ -291,15 +309,16 @@ class NodeService:
         self._staged.clear()
         self._staged_refs.clear()
 
-    async def blob_for_push(self, chunk_id: str) -> bytes:
-        """The bytes to send to another node: the staged blob, else the stored, verified one."""
+    async def blob_for_push(self, chunk_id: str) -> tuple[bytes, str]:
+        """The bytes to send to another node, and their checksum: the staged blob, else the
+        stored one (its envelope verified, so the checksum is of good bytes)."""
         staged = self._staged.get(chunk_id)
         if staged is not None:
-            return staged
-        return await self.read(chunk_id)
+            return staged[0], staged[1].blob_checksum
+        blob = await self.read(chunk_id)
+        return blob, await self._run(self._io, blob_checksum, blob)
 
-    async def push(self, chunk_id: str, checksum: str, target: NodeAddress,
-                   link: Link) -> PushResult:
+    async def push(self, chunk_id: str, target: NodeAddress, link: Link) -> PushResult:
         """Send a staged or stored blob to target, which verifies and stores it.
 
         Pushing to this node itself stores the staged blob in place. A failure of the
@@ -308,12 +327,12 @@ class NodeService:
         """
         if target.node_id == self.node_id:
             try:
-                return PushResult(await self.persist_staged(chunk_id, checksum), None, 0)
+                return PushResult(await self.persist_staged(chunk_id), None, 0)
             except (NodeUnavailable, StorageError) as exc:  # as target: out of room, crashed
                 if isinstance(exc, ChunkNotFound):
                     raise  # as source: the staged blob is gone
                 return PushResult(None, exc, 0)
-        blob = await self.blob_for_push(chunk_id)
+        blob, checksum = await self.blob_for_push(chunk_id)
         cloud = target.location.cloud
         if self.faults.partitioned(self.location.cloud, cloud):
             cut = NodeUnavailable(target.node_id, f"network partition between "
@@ -328,20 +347,19 @@ class NodeService:
             return PushResult(None, exc, len(blob))
         return PushResult(ReplicaAck.from_json(reply.meta["ack"]), None, len(blob))
 
-    async def persist_staged(self, chunk_id: str, checksum: str | None = None) -> ReplicaAck:
+    async def persist_staged(self, chunk_id: str) -> ReplicaAck:
         """Store this node's own staged blob (the processing node is one of the targets).
 
-        `checksum` is the one processing computed (BlobInfo.blob_checksum); the blob never
-        left this node's memory, so it is not hashed again when given.
+        The blob never left this node's memory: the checksum processing computed stands.
         """
-        blob = self._staged.get(chunk_id)
-        if blob is None:
+        staged = self._staged.get(chunk_id)
+        if staged is None:
             raise ChunkNotFound(f"chunk {chunk_id} is not staged on {self.node_id}")
+        blob, info = staged
         started = time.perf_counter()
         await self._before_write()
-        checksum = checksum or blob_checksum(blob)
         await self._durable_put(chunk_id, blob)
-        return ReplicaAck(self.node_id, chunk_id, checksum, len(blob),
+        return ReplicaAck(self.node_id, chunk_id, info.blob_checksum, len(blob),
                           time.perf_counter() - started)
 
     async def write(self, chunk_id: str, blob: Body, expected_checksum: str) -> ReplicaAck:
@@ -416,12 +434,24 @@ class NodeService:
             faults.crash_on_write(int(args.get("nth", 1)))
         elif action == "disk_full":
             self.store.quota_bytes = self.store.bytes if args.get("full", True) else None
+        elif action == "hold_disk":
+            # Writes stop on the disk itself, after their bytes hit the temp file and
+            # before the rename: where a cancelled request meets a write it cannot stop.
+            self.store.commit_held.clear()
+            self.store.commit_gate = threading.Event()
+        elif action == "wait_disk_held":
+            await asyncio.to_thread(self.store.commit_held.wait)
+        elif action == "release_disk":
+            commit_gate, self.store.commit_gate = self.store.commit_gate, None
+            if commit_gate is not None:
+                commit_gate.set()
         elif action == "hold_writes":
-            faults.gate = WriteGate()
+            faults.gate = HeldWrites()
         elif action == "state":
             return {"crashed": faults.crashed, "quota_bytes": self.store.quota_bytes,
                     "partitions": sorted(sorted(pair) for pair in faults.partitions),
-                    "held": faults.gate.held if faults.gate else 0}
+                    "held": faults.gate.held if faults.gate else 0,
+                    "undoing": self._undoing}
         elif action in ("wait_held", "held", "release_writes"):
             gate = faults.gate
             if gate is None:
@@ -466,14 +496,21 @@ class NodeService:
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
-                # The thread cannot be stopped: let it finish, then take back an object
-                # that no caller will record (one that was already there stays).
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(write)
-                    if not existed:
-                        await self._run(self._io, self.store.delete, chunk_id)
-                        log.info("%s: removed chunk %s, whose write was cancelled",
-                                 self.node_id, chunk_id[:12])
+                # The thread cannot be stopped: wait for it (through further cancels, and
+                # still holding the chunk's lock), then take back an object that no caller
+                # will record; one that was already there stays.
+                self._undoing += 1
+                try:
+                    while not write.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(write)
+                finally:
+                    self._undoing -= 1
+                if not write.cancelled() and write.exception() is None and not existed:
+                    with contextlib.suppress(MulticloudError):
+                        self.store.delete(chunk_id)
+                    log.info("%s: removed chunk %s, whose write was cancelled",
+                             self.node_id, chunk_id[:12])
                 raise
 
     @staticmethod
@@ -481,6 +518,11 @@ class NodeService:
                    **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
+
+
+def _key(processing: Any) -> str:
+    """A transform chain's config as one comparable string."""
+    return json.dumps(processing, sort_keys=True, separators=(",", ":"))
 
 
 def _arg(request: Request, name: str) -> Any:

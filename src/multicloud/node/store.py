@@ -48,6 +48,9 @@ class ChunkStore:
         # capacity; the disk-full fault sets it to what is stored now).
         self.quota_bytes: int | None = None
         self._on_fsync: FsyncObserver | None = None
+        # A fault: writes stop before their rename until this is set (None: never stop).
+        self.commit_gate: threading.Event | None = None
+        self.commit_held = threading.Event()  # set once a write stopped at the gate
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
@@ -77,13 +80,16 @@ class ChunkStore:
             previous = self.size(chunk_id) or 0
             if self.quota_bytes is not None and self.bytes - previous + size > self.quota_bytes:
                 raise OSError(errno.ENOSPC, "No space left on device (the node's quota is used)")
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(final.parent)
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=chunk_id[:16] + ".")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(blob)
                 handle.flush()
                 if self.fsync:
                     self._timed_fsync(handle.fileno())
+            if self.commit_gate is not None:
+                self.commit_held.set()
+                self.commit_gate.wait()
             os.replace(tmp_name, final)
             tmp_name = None
             if self.fsync:
@@ -171,6 +177,16 @@ class ChunkStore:
         data = bytearray(path.read_bytes())
         data[offset % len(data)] ^= 0xFF
         path.write_bytes(bytes(data))
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create objects/ab/cd as needed; a new directory's entry is made durable too, or a
+        crash could lose the directory and every object renamed into it."""
+        if directory.is_dir():
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            self._fsync_dir(directory.parent)
+            self._fsync_dir(self._objects)
 
     def _walk_usage(self) -> tuple[int, int]:
         count = total = 0

@@ -90,6 +90,48 @@ class DistributionCoordinator:
         if blob is None:
             raise ValueError("cannot distribute a chunk whose processing failed")
         self.metrics.attempt("distribution")
+        src = self.registry.nodes.get(processed.node_id)
+        try:
+            state, finished = await self._write_to_quorum(processed, force_cross_cloud)
+            if len(state.acks) < state.quorum:
+                await finished  # no hope of quorum yet: late acks may still make it
+        except BaseException:
+            # Placement found no targets, or the run is being cancelled: the staged blob
+            # must not stay behind on the node.
+            if src is not None:
+                await asyncio.shield(self._release(src, blob.chunk_id))
+            raise
+        if len(state.acks) >= state.quorum:
+            state.result = DistributedChunk(processed.chunk, blob, processed.node_id,
+                                            list(state.acks), list(state.failed))
+            self.metrics.success("distribution", blob.blob_size)
+            # The remaining writes go on in the background; their acks arrive as late acks.
+            task = asyncio.create_task(self._finish(state, finished, src))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return state.result
+        if src is not None:
+            await self._release(src, blob.chunk_id)
+        self.metrics.failure("distribution")
+        chunk = processed.chunk
+        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: "
+                      f"{len(state.acks)} replica(s), quorum {state.quorum}", level="warning",
+                      file=chunk.file, index=chunk.index, chunk_id=chunk.chunk_id,
+                      stage="distribution",
+                      error="source lost" if state.source_lost else "quorum not reached")
+        if state.source_lost:
+            raise SourceLost(f"processing node {processed.node_id} failed before chunk "
+                             f"{blob.chunk_id[:12]} reached quorum")
+        raise QuorumNotReached(
+            f"chunk {chunk.index} of {chunk.file}: {len(state.acks)} verified replica(s), "
+            f"write_quorum is {state.quorum}; {_failures(state.causes)}")
+
+    async def _write_to_quorum(self, processed: ProcessedChunk, force_cross_cloud: bool,
+                               ) -> tuple[_ChunkWrite, asyncio.Future[list[None]]]:
+        """Start a write to every target; return at quorum, or once there is no hope of it,
+        with the writes (still running past quorum)."""
+        blob = processed.result
+        assert blob is not None
         async with self._limit:
             with self.metrics.busy("distribution"):
                 targets = self.placement.select_target_nodes(
@@ -111,32 +153,7 @@ class DistributionCoordinator:
                     raise
                 finally:
                     waiter.cancel()
-        src = self.registry.nodes.get(processed.node_id)
-        if len(state.acks) >= state.quorum:
-            state.result = DistributedChunk(processed.chunk, blob, processed.node_id,
-                                            list(state.acks), list(state.failed))
-            self.metrics.success("distribution", blob.blob_size)
-            # The remaining writes go on in the background; their acks arrive as late acks.
-            task = asyncio.create_task(self._finish(state, finished, src))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return state.result
-        await finished
-        if src is not None:
-            await self._release(src, blob.chunk_id)
-        self.metrics.failure("distribution")
-        chunk = processed.chunk
-        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: "
-                      f"{len(state.acks)} replica(s), quorum {state.quorum}", level="warning",
-                      file=chunk.file, index=chunk.index, chunk_id=chunk.chunk_id,
-                      stage="distribution",
-                      error="source lost" if state.source_lost else "quorum not reached")
-        if state.source_lost:
-            raise SourceLost(f"processing node {processed.node_id} failed before chunk "
-                             f"{blob.chunk_id[:12]} reached quorum")
-        raise QuorumNotReached(
-            f"chunk {chunk.index} of {chunk.file}: {len(state.acks)} verified replica(s), "
-            f"write_quorum is {state.quorum}; {_failures(state.causes)}")
+        return state, finished
 
     async def drain(self) -> None:
         """Wait for every background write to finish."""
@@ -236,9 +253,12 @@ class DistributionCoordinator:
         The stage on its own, for callers that hold processed chunks: the same
         `distribute` that `multicloud run` streams every chunk through.
         """
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.distribute(p, force_cross_cloud))
-                     for p in processed if p.result is not None]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.distribute(p, force_cross_cloud))
+                         for p in processed if p.result is not None]
+        except* MulticloudError as failed:
+            raise failed.exceptions[0] from None
         results = [t.result() for t in tasks]
         await self.drain()
         return results

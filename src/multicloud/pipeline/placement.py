@@ -5,7 +5,7 @@ clouds so that a whole cloud can fail. Within a tier, nodes are ranked by weight
 rendezvous (highest-random-weight) hashing on the chunk id: the same chunk lands on the same
 nodes on a re-run, and losing a node moves only the chunks it held. Weights are the
 nodes' capacities (static, so that placement stays stable while nodes fill); a node
-without room for the chunk is skipped.
+without room for the chunk (or whose disk said it is full this run) is skipped.
 """
 
 from __future__ import annotations
@@ -67,12 +67,15 @@ class NetworkAwarePlacement:
         src_cloud = self.source_cloud_of(source_node)
         excluded = set(exclude)
         candidates = [n for n in self.registry.healthy_nodes()
-                      if n.id not in excluded and _has_room(n, size_bytes)]
+                      if n.id not in excluded and has_room(n, size_bytes)]
         if len(candidates) < wanted:
+            full = sorted(n.id for n in self.registry.healthy_nodes() if n.full)
+            why = (f"; disk full on {', '.join(full)}: free some space or add nodes, and run "
+                   f"the batch again" if full else
+                   "; start more nodes or lower replication_factor")
             raise InsufficientNodes(
                 f"placement needs {wanted} healthy nodes with room, only {len(candidates)} "
-                f"available ({', '.join(n.id for n in candidates) or 'none'}); start more "
-                f"nodes or lower replication_factor"
+                f"available ({', '.join(n.id for n in candidates) or 'none'}){why}"
             )
         by_cloud: dict[str, list[WorkerNode]] = {}
         for node in rank_nodes(chunk_id, candidates):
@@ -122,8 +125,9 @@ class NetworkAwarePlacement:
         return None
 
 
-def _has_room(node: WorkerNode, size_bytes: int) -> bool:
-    return node.used_bytes + size_bytes <= node.capacity_bytes
+def has_room(node: WorkerNode, size_bytes: int) -> bool:
+    """Room for a chunk: not a disk that said it is full, and capacity left."""
+    return not node.full and node.used_bytes + size_bytes <= node.capacity_bytes
 
 
 def check_policy(registry: NodeRegistry, config: DistributionConfig,

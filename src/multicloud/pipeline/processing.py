@@ -94,7 +94,11 @@ class ProcessingWorkerPool:
         tried: set[str] = set()
         last_error = "not attempted"
         for _ in range(self.config.max_attempts):
-            node = self.choose_node(chunk, tried)
+            try:
+                node = self.choose_node(chunk, tried)
+            except InsufficientNodes as exc:
+                self._gave_up(chunk, f"{exc}; last error: {last_error}")
+                raise
             try:
                 return await attempt(node)
             except NODE_FAILURES as exc:
@@ -102,19 +106,22 @@ class ProcessingWorkerPool:
                 tried.add(node.id)
                 log.warning("chunk %s on %s failed: %s; trying another node",
                             chunk.chunk_id[:12], node.id, exc)
-        self.metrics.failure("processing")
-        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: {last_error}",
-                      level="error", file=chunk.file, index=chunk.index,
-                      chunk_id=chunk.chunk_id, stage="processing", error=last_error)
+        self._gave_up(chunk, last_error)
         raise ClusterError(f"chunk {chunk.index} of {chunk.file}: gave up after "
                            f"{len(tried)} nodes failed it; last error: {last_error}")
+
+    def _gave_up(self, chunk: Chunk, error: str) -> None:
+        self.on_event("chunk_failed", f"chunk {chunk.index} of {chunk.file}: {error}",
+                      level="error", file=chunk.file, index=chunk.index,
+                      chunk_id=chunk.chunk_id, stage="processing", error=error)
 
     async def process_on(self, node: WorkerNode, chunk: Chunk) -> ProcessedChunk:
         """Process one chunk on node: one attempt.
 
         Bad data is not an exception: the result has `result=None` and the error. A node
-        that fails raises (see NODE_FAILURES).
+        that fails raises (see NODE_FAILURES). Each call counts one attempt of the stage.
         """
+        self.metrics.attempt("processing")
         started = time.perf_counter()
         self._load[node.id] += 1
         try:
@@ -129,6 +136,9 @@ class ProcessingWorkerPool:
                           error=str(exc))
             return ProcessedChunk(chunk, node.id, None, time.perf_counter() - started,
                                   error=str(exc))
+        except NODE_FAILURES:
+            self.metrics.failure("processing")
+            raise
         finally:
             self._load[node.id] -= 1
         latency = time.perf_counter() - started
@@ -139,7 +149,6 @@ class ProcessingWorkerPool:
         """Process one chunk, moving to another node when one fails."""
         if not self._configured:
             await self.configure_nodes()
-        self.metrics.attempt("processing")
         return await self.on_nodes(chunk, lambda node: self.process_on(node, chunk))
 
     async def process_chunks(self, chunks: list[Chunk]) -> list[ProcessedChunk]:

@@ -3,7 +3,8 @@
 For each chunk with too few replicas on healthy nodes, new targets come from its placement
 (minus the nodes that hold or failed it), and a healthy holder pushes the blob to each
 through the `ReplicaWriter`, the same writer distribution uses. A holder whose copy turns
-out corrupt is forgotten in the manifest and the next holder is tried.
+out corrupt or gone is forgotten in the manifest (and made up for), and the next holder
+is tried.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from multicloud.control.registry import NodeRegistry
 from multicloud.core.config import DistributionConfig
 from multicloud.core.errors import (
+    ChunkNotFound,
     InsufficientNodes,
     IntegrityError,
     MulticloudError,
@@ -23,7 +25,7 @@ from multicloud.core.errors import (
 )
 from multicloud.pipeline.manifest import Manifest
 from multicloud.pipeline.metrics import PipelineMetrics
-from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.placement import NetworkAwarePlacement, has_room
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.storage import StorageManager
 
@@ -38,7 +40,7 @@ class RepairReport:
 
     checked: int = 0
     replicas_created: int = 0
-    dropped_corrupt: int = 0
+    dropped_corrupt: int = 0  # holders whose copy was corrupt or gone: forgotten
     under_replicated: int = 0  # chunks still below replication_factor
     lost: int = 0  # chunks with no healthy replica left at all
 
@@ -91,9 +93,10 @@ class Repairer:
         if blob is None:
             report.under_replicated += 1
             return
-        targets = self._targets(chunk_id, healthy, holders, rf - len(healthy), blob.blob_size)
         sources = list(healthy)
-        for target in targets:
+        for target in self._targets(chunk_id, healthy, holders, blob.blob_size):
+            if len(healthy) >= rf or not sources:
+                break
             while sources:
                 src, dst = nodes[sources[0]], nodes[target]
                 try:
@@ -102,11 +105,13 @@ class Repairer:
                     log.warning("repair: copy of %s to %s failed: %s", chunk_id[:12], dst.id,
                                 exc.cause)
                     break  # try the next target
-                except MulticloudError as exc:  # the holder failed, or its copy is bad
+                except MulticloudError as exc:  # the holder failed, or its copy is gone or bad
                     log.warning("repair: holder %s of %s failed: %s", src.id, chunk_id[:12],
                                 exc)
-                    if isinstance(exc, IntegrityError):
+                    if isinstance(exc, IntegrityError | ChunkNotFound):
+                        # Not a replica any more: forget it, and make up for it too.
                         await asyncio.to_thread(manifest.remove_replicas, [(chunk_id, src.id)])
+                        healthy.remove(src.id)
                         report.dropped_corrupt += 1
                     sources.pop(0)
                     continue
@@ -117,28 +122,30 @@ class Repairer:
         if len(healthy) < rf:
             report.under_replicated += 1
 
-    def _targets(self, chunk_id: str, healthy: list[str], holders: list[str], missing: int,
+    def _targets(self, chunk_id: str, healthy: list[str], holders: list[str],
                  size: int) -> list[str]:
-        """New nodes for a chunk's missing replicas: its placement, minus current holders."""
+        """Candidates for a chunk's missing replicas, best first: its placement, then any
+        healthy node with room, never a current holder (the caller takes what it needs)."""
         try:
             ideal = self.placement.select_target_nodes(
                 chunk_id, healthy[0], self.config.replication_factor,
                 exclude=set(holders) - set(healthy), size_bytes=size)
         except InsufficientNodes:
             ideal = []
-        extra = [n.id for n in self.registry.healthy_nodes()]
+        extra = [n.id for n in self.registry.healthy_nodes() if has_room(n, size)]
         targets = []
         for node_id in ideal + extra:
             if node_id not in holders and node_id not in targets:
                 targets.append(node_id)
-        return targets[:missing]
+        return targets
 
 
 class RepairsOnFailure:
     """Repairs started the moment a node fails, for the chunks committed so far.
 
-    Each runs as a task held here until `settle()` awaits it, so the final repair pass of
-    a run never races them; `created` counts the replicas they re-created in this run.
+    Each runs as a task held here until `settle()` awaits it: the run settles them before
+    its final repair pass (and again after it, for a node that failed during it);
+    `created` counts the replicas they re-created in this run.
     """
 
     def __init__(self, repairer: Repairer, storage: StorageManager,

@@ -5,8 +5,9 @@ success feeds the estimator, a timeout backs it off. A write to a node that is m
 unhealthy while it runs is cancelled at once (and the cancellation reaches the node, which
 removes what it had half-written) instead of waiting for its timeout. Every failure of
 the target is a `ReplicaRefused` and counts toward marking the target unhealthy, except a
-full disk, which only keeps new replicas off that node; anything else raised is a failure
-of the source.
+full disk, which keeps new replicas off that node for the rest of the run (placement
+skips it); anything else raised is a failure of the source. A timeout is the target's:
+the writer cannot tell a slow target from a slow source.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class ReplicaWriter:
             async with asyncio.timeout(timeout):
                 return await attempt
         except TimeoutError:
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                return attempt.result()  # it finished as the time ran out: keep the ack
             raise ReplicaRefused(dst.id, blob.chunk_id,
                                  TransferTimeout(src.id, dst.id, timeout)) from None
         except asyncio.CancelledError:

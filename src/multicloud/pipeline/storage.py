@@ -109,8 +109,15 @@ class StorageManager:
             replicas, self._pending_replicas = self._pending_replicas, []
             if not (chunks or replicas) or self.batch_id is None:
                 return  # the stage used on its own, outside a batch: nothing to record
-            with self.metrics.busy("storage"):
-                await asyncio.to_thread(self._write, self.batch_id, chunks, replicas)
+            try:
+                with self.metrics.busy("storage"):
+                    await asyncio.to_thread(self._write, self.batch_id, chunks, replicas)
+            except BaseException:
+                # Keep them for the next flush (a full disk may have room once the writes
+                # in flight are done); writing them twice is harmless, both are upserts.
+                self._pending_chunks[:0] = chunks
+                self._pending_replicas[:0] = replicas
+                raise
 
     def _write(self, batch_id: str, chunks: list[tuple[Chunk, BlobInfo]],
                replicas: list[tuple[str, str]]) -> None:

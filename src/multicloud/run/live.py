@@ -43,7 +43,12 @@ class NodeHealth:
 
 @dataclass(frozen=True, slots=True)
 class LiveSnapshot:
-    """A run (or the last one) at one moment: everything a dashboard or a scrape shows."""
+    """A run (or the last one) at one moment: everything a dashboard or a scrape shows.
+
+    The figures are copies; `stages` and `replicas` are the run's own counters, shared
+    rather than copied so a scrape can read latency lists incrementally: watchers read
+    them and never change them.
+    """
 
     status: PipelineStatus
     batch_id: str | None

@@ -203,9 +203,13 @@ class PipelineOrchestrator:
         return await self._restorer().verify(batch_id)
 
     async def close(self) -> None:
-        """Finish background writes and repairs, release the manifest, stop listening."""
+        """Finish background writes and repairs, record them, release the manifest."""
         await self.distribution_coordinator.drain()
         await self.repairs_on_failure.settle()
+        try:
+            await self.storage_manager.flush()
+        except MulticloudError as exc:
+            log.error("could not record the last replicas: %s", exc)
         self._unsubscribe()
         self.writer.close()
         self.storage_manager.close()
@@ -227,7 +231,6 @@ class PipelineOrchestrator:
     async def _chunk_flow(self, chunk: Chunk, force: bool, inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
-            self.metrics.attempt("processing")
             distributed = await self.processing_pool.on_nodes(
                 chunk, lambda node: self._process_and_distribute(node, chunk, force))
             self.storage_manager.commit(distributed)
@@ -261,6 +264,8 @@ class PipelineOrchestrator:
         await self.repairs_on_failure.settle()
         early = self.repairs_on_failure.created
         repair = await self._final_repair(early) if self.config.storage.repair else None
+        await self.repairs_on_failure.settle()  # a node that failed during the final pass
+        await storage.flush()
         by_cloud, by_node = await storage.usage_by_place()
         facts = RunFacts(
             duration_s=time.perf_counter() - started, ingestion=stats,
@@ -314,7 +319,8 @@ class PipelineOrchestrator:
                                 error=str(error))
         if begun:
             # Writes in flight held disk space until they were drained above: what could
-            # not be recorded then may fit now. The run's own error is the one to report.
+            # not be recorded then (it stays buffered) may fit now. The run's own error is
+            # the one to report.
             try:
                 await self.storage_manager.flush()
             except MulticloudError as exc:

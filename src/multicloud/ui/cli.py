@@ -461,11 +461,11 @@ async def cmd_batches(args: argparse.Namespace) -> int:
     """multicloud batches."""
     _require_manifest(args)
     config, registry = await _open(args, read_only=True)
+    orchestrator = PipelineOrchestrator(registry, config=config)
     try:
-        orchestrator = PipelineOrchestrator(registry, config=config)
-        records = orchestrator.storage_manager.manifest.batches()
-        await orchestrator.close()
+        records = await asyncio.to_thread(orchestrator.storage_manager.manifest.batches)
     finally:
+        await orchestrator.close()
         await registry.close()
     if args.json:
         print(json.dumps([{"batch_id": b.batch_id, "status": b.status, "source": b.source,

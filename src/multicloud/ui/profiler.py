@@ -68,13 +68,13 @@ class PerformanceProfiler:
 
         Use this or `record_run` for a run, not both: each adds the run once.
         """
-        live = orchestrator.live
-        breakdown = orchestrator.metrics.get_stage_breakdown()
-        status = live.status.value
+        snap = orchestrator.live.snapshot()
+        status = snap.status.value
         self.records.append(RunRecord(
-            live.batch_id or "", "success" if status == "completed" else status,
-            live.elapsed_seconds, live.committed_bytes, live.committed_chunks,
-            {s: breakdown.get(s, 0.0) for s in STAGES}, list(live.timeline)))
+            snap.batch_id or "", "success" if status == "completed" else status,
+            snap.elapsed_seconds, snap.committed_bytes, snap.committed_chunks,
+            {s: snap.stage_breakdown.get(s, 0.0) for s in STAGES},
+            list(orchestrator.live.timeline)))
         return self.generate_report()
 
     @property

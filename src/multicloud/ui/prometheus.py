@@ -25,7 +25,7 @@ Series (all names start with `multicloud_`):
 
 Stage, replica and failure counters belong to the current run and start again from zero
 when the next run starts (Prometheus' rate() treats that as a counter reset); link
-counters come from the transport's ledger and only grow.
+counters come from the node client's traffic ledger and only grow.
 """
 
 from __future__ import annotations
@@ -356,7 +356,6 @@ class MetricsServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(status_snapshot(self.live.snapshot()))
-
 
 
 async def fetch_status(data_dir: str | Path, token: str | None = None) -> dict[str, Any]:
