@@ -20,6 +20,9 @@ Every message names the bad value, what would be valid, and what to do about it.
     │   ├── ChunkNotFound        a node does not hold the asked-for chunk
     │   ├── DiskFull             a disk (a node's or the manifest's) has no room left
     │   └── UnknownBatch         a batch id the manifest does not know
+    ├── BatchConflict
+    │   ├── BatchExists          a completed batch id given for different content
+    │   └── BatchLeased          another live run holds the batch
     ├── RestoreError             a file could not be rebuilt from any replica
     ├── ProfileError             a profiling request that cannot be measured
     └── UsageError               a command line that cannot be run as given
@@ -128,6 +131,18 @@ class UnknownBatch(StorageError):
     """The manifest has no batch with this id."""
 
 
+class BatchConflict(MulticloudError):
+    """A batch id cannot be run now as asked."""
+
+
+class BatchExists(BatchConflict):
+    """The batch id names a completed batch with different content; batch ids are immutable."""
+
+
+class BatchLeased(BatchConflict):
+    """Another live run holds the batch's lease (its owner is in the message)."""
+
+
 class RestoreError(MulticloudError):
     """One or more files could not be rebuilt from any replica."""
 
@@ -169,6 +184,9 @@ _CODES: dict[type[MulticloudError], str] = {
     ConfigError: "config",
     SourceError: "source",
     RestoreError: "restore",
+    BatchExists: "batch_exists",
+    BatchLeased: "batch_leased",
+    BatchConflict: "batch_conflict",
     MulticloudError: "error",
 }
 _CLASSES = {code: cls for cls, code in _CODES.items()}

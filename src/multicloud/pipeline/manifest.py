@@ -4,6 +4,15 @@ Content model: a batch has files, a file has ordered chunks, a chunk id maps to 
 blob, and replicas are (chunk id, node id) pairs shared by every batch that references the
 chunk. One connection per ``Manifest``, guarded by a lock, serves all threads of a process;
 WAL mode lets a later (or concurrent) process read what an earlier one committed.
+
+Batch ids are immutable: `begin_batch` runs an id once, resumes it after a crash or an
+interruption (its committed chunks stay), says when it is already done, and refuses it for
+different content or while another live run holds its lease. File names that are not
+UTF-8 (surrogate-escaped in Python) are stored as BLOBs, every other name as TEXT, so one
+name always maps to one key and comes back exactly.
+
+The manifest is a cache: `export_batch` gives a batch as plain data, which the catalogue
+stores on the nodes, and `import_batch` puts it back (`multicloud recover`).
 """
 
 from __future__ import annotations
@@ -13,21 +22,42 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from multicloud.core.errors import DiskFull, StorageError, UnknownBatch, storage_error
+from multicloud.core.errors import (
+    BatchExists,
+    BatchLeased,
+    DiskFull,
+    StorageError,
+    UnknownBatch,
+    storage_error,
+)
 from multicloud.core.types import BlobInfo, Chunk, FileEntry
+from multicloud.pipeline.lease import describe_owner
+from multicloud.pipeline.manifest_schema import (
+    BATCH_COLUMNS,
+    FILE_COLUMNS,
+    SCHEMA_V1,
+    SCHEMA_V2,
+    SCHEMA_VERSION,
+    BatchRecord,
+    ChunkRecord,
+    batch_record,
+    check_batch_id,
+    db_path,
+    file_entry,
+    py_path,
+)
 
 __all__ = ["SCHEMA_VERSION", "BatchRecord", "ChunkRecord", "Manifest"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+EXPORT_FORMAT = "multicloud-manifest/1"
 
 # How long a writer waits for another process's write transaction before giving up.
 _BUSY_TIMEOUT_S = 30.0
@@ -35,74 +65,7 @@ _BUSY_TIMEOUT_S = 30.0
 _IN_BATCH = 500
 # Longest list of known batch ids an UnknownBatch message spells out.
 _KNOWN_SHOWN = 20
-_FINAL_STATUSES = ("success", "failed")
-
-_SCHEMA = (
-    "CREATE TABLE batches ("
-    " batch_id TEXT PRIMARY KEY,"
-    " status TEXT NOT NULL,"
-    " source TEXT NOT NULL,"
-    " source_cloud TEXT NOT NULL,"
-    " created_at REAL NOT NULL,"
-    " finished_at REAL,"
-    " result TEXT,"
-    # Bumped on every begin_batch: orders batches newest first even when clock readings tie.
-    " seq INTEGER NOT NULL)",
-    "CREATE TABLE files ("
-    " batch_id TEXT NOT NULL,"
-    " path TEXT NOT NULL,"
-    " size INTEGER NOT NULL,"
-    " chunk_count INTEGER NOT NULL,"
-    " digest TEXT NOT NULL,"
-    " PRIMARY KEY (batch_id, path)) WITHOUT ROWID",
-    # The primary key's batch_id prefix is the by-batch index, and (path, idx) its order.
-    "CREATE TABLE file_chunks ("
-    " batch_id TEXT NOT NULL,"
-    " path TEXT NOT NULL,"
-    " idx INTEGER NOT NULL,"
-    " offset INTEGER NOT NULL,"
-    " size INTEGER NOT NULL,"
-    " chunk_id TEXT NOT NULL,"
-    " PRIMARY KEY (batch_id, path, idx)) WITHOUT ROWID",
-    "CREATE TABLE blobs ("
-    " chunk_id TEXT PRIMARY KEY,"
-    " raw_size INTEGER NOT NULL,"
-    " blob_size INTEGER NOT NULL,"
-    " blob_checksum TEXT NOT NULL,"
-    " codec TEXT NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE replicas ("
-    " chunk_id TEXT NOT NULL,"
-    " node_id TEXT NOT NULL,"
-    " PRIMARY KEY (chunk_id, node_id)) WITHOUT ROWID",
-    "CREATE INDEX replicas_by_node ON replicas (node_id, chunk_id)",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRecord:
-    """One batch as the manifest knows it."""
-
-    batch_id: str
-    status: str  # "running", "success" or "failed"
-    source: str  # the source URL or directory as given
-    source_cloud: str
-    created_at: float  # epoch seconds when the (latest) run began
-    finished_at: float | None  # None while running
-    result: dict[str, Any] | None  # what finish_batch recorded, usually PipelineResult.to_dict()
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRecord:
-    """One chunk reference of a file, with the blob it is stored as."""
-
-    path: str
-    index: int
-    offset: int
-    size: int  # raw bytes
-    chunk_id: str
-    blob_size: int
-    blob_checksum: str
-    codec: str
+_FINAL_STATUSES = ("success", "failed", "interrupted")
 
 
 class Manifest:
@@ -157,10 +120,15 @@ class Manifest:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
-                for statement in _SCHEMA:
+                for statement in (*SCHEMA_V1, *SCHEMA_V2):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 log.debug("created manifest %s (schema v%d)", self.path, SCHEMA_VERSION)
+            elif row[0] == 1:
+                for statement in SCHEMA_V2:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                log.info("upgraded manifest %s to schema v%d", self.path, SCHEMA_VERSION)
             elif row[0] != SCHEMA_VERSION:
                 raise StorageError(
                     f"manifest {self.path} has schema version {row[0]}, this multicloud reads "
@@ -187,37 +155,115 @@ class Manifest:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def begin_batch(self, batch_id: str, source: str, source_cloud: str) -> None:
-        """Record a batch as running; re-running an id drops its old files and chunk refs."""
+    def begin_batch(self, batch_id: str, source: str, source_cloud: str, *,
+                    fingerprint: str = "", owner: str = "", replace: bool = False) -> str:
+        """Take the batch's lease and say how to run it: "new", "resume" or "done".
+
+        - an unknown id is "new";
+        - a completed id is "done" for the same fingerprint, refused (BatchExists) for
+          another one unless ``replace``, which runs it anew;
+        - a running id whose holder lives is refused (BatchLeased);
+        - an id whose run did not complete is "resume" for the same fingerprint (its
+          committed chunks stay), else "new" (its old chunk references are dropped).
+        """
+        check_batch_id(batch_id)
         with self._transaction(write=True) as conn:
-            # Blobs and replicas stay: they are shared, and the re-run will reference them.
-            conn.execute("DELETE FROM file_chunks WHERE batch_id = ?", (batch_id,))
-            conn.execute("DELETE FROM files WHERE batch_id = ?", (batch_id,))
+            row = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+                               (batch_id,)).fetchone()
+            old = None if row is None else batch_record(row)
+            mode = "new"
+            if old is not None:
+                # A fingerprint is "<content>:<chunking>": the same content is the same
+                # batch, but only the same chunking too lets a run reuse committed chunks.
+                same = bool(fingerprint) and fingerprint == old.fingerprint
+                same_content = bool(fingerprint) and (fingerprint.split(":")[0]
+                                                      == old.fingerprint.split(":")[0])
+                if old.lease_live and old.owner != owner:
+                    raise BatchLeased(
+                        f"batch {batch_id!r} is being run by {describe_owner(old.owner)}; "
+                        f"wait for it, stop it, or choose another --batch-id")
+                if old.status == "success" and not replace:
+                    if same_content:
+                        return "done"
+                    raise BatchExists(
+                        f"batch {batch_id!r} already holds other content (run from "
+                        f"{old.source}); batch ids are immutable: choose another --batch-id, "
+                        f"or pass --replace to make {batch_id!r} name the new content")
+                if same and old.status != "success":
+                    mode = "resume"
+            if mode == "new":
+                # Blobs and replicas stay: they are shared, and the new run may use them.
+                conn.execute("DELETE FROM file_chunks WHERE batch_id = ?", (batch_id,))
+                conn.execute("DELETE FROM files WHERE batch_id = ?", (batch_id,))
             conn.execute(
                 "INSERT INTO batches"
-                " (batch_id, status, source, source_cloud, created_at, finished_at, result, seq)"
+                " (batch_id, status, source, source_cloud, created_at, finished_at, result, seq,"
+                "  fingerprint, owner, heartbeat_at, manifest_object)"
                 " VALUES (?, 'running', ?, ?, ?, NULL, NULL,"
-                "  (SELECT COALESCE(MAX(seq), 0) + 1 FROM batches))"
+                "  (SELECT COALESCE(MAX(seq), 0) + 1 FROM batches), ?, ?, ?, NULL)"
                 " ON CONFLICT (batch_id) DO UPDATE SET"
                 "  status = excluded.status, source = excluded.source,"
                 "  source_cloud = excluded.source_cloud, created_at = excluded.created_at,"
-                "  finished_at = NULL, result = NULL, seq = excluded.seq",
-                (batch_id, source, source_cloud, time.time()),
+                "  finished_at = NULL, result = NULL, seq = excluded.seq,"
+                "  fingerprint = excluded.fingerprint, owner = excluded.owner,"
+                "  heartbeat_at = excluded.heartbeat_at, manifest_object = NULL",
+                (batch_id, db_path(source), source_cloud, time.time(), fingerprint, owner,
+                 time.time()),
             )
+            return mode
+
+    def renew_lease(self, batch_id: str, owner: str) -> bool:
+        """Keep the batch's lease alive (a run calls this every few seconds); False when
+        owner no longer holds it (another run took it over)."""
+        with self._transaction(write=True) as conn:
+            cursor = conn.execute(
+                "UPDATE batches SET heartbeat_at = ? WHERE batch_id = ? AND owner = ?"
+                " AND status = 'running'", (time.time(), batch_id, owner))
+            return cursor.rowcount > 0
+
+    def set_manifest_object(self, batch_id: str, chunk_id: str) -> None:
+        """Record where the batch's manifest is stored on the nodes."""
+        with self._transaction(write=True) as conn:
+            self._require_batch(conn, batch_id)
+            conn.execute("UPDATE batches SET manifest_object = ? WHERE batch_id = ?",
+                         (chunk_id, batch_id))
+
+    def delete_batch(self, batch_id: str) -> BatchRecord:
+        """Forget a batch (its objects stay for gc); refused while a live run holds it."""
+        with self._transaction(write=True) as conn:
+            record = self._batch(conn, batch_id)
+            if record.lease_live:
+                raise BatchLeased(f"batch {batch_id!r} is being run by "
+                                  f"{describe_owner(record.owner)}; stop that run first")
+            for table in ("file_chunks", "files", "batches"):
+                conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", (batch_id,))
+        return record
 
     def add_files(self, batch_id: str, files: list[FileEntry]) -> None:
         """Record the batch's source files (a path given again replaces its entry)."""
-        rows = [(batch_id, f.path, f.size, f.chunk_count, f.digest) for f in files]
+        rows = [(batch_id, db_path(f.path), f.size, f.chunk_count, f.digest, f.mode,
+                 f.mtime_ns, f.kind, None if f.link_target is None else db_path(f.link_target),
+                 f.quarantine) for f in files]
         with self._transaction(write=True) as conn:
             self._require_batch(conn, batch_id)
             conn.executemany(
-                "INSERT OR REPLACE INTO files (batch_id, path, size, chunk_count, digest)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO files (batch_id, path, size, chunk_count, digest, mode,"
+                " mtime_ns, kind, link_target, quarantine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
     def add_chunks(self, batch_id: str, chunks: list[tuple[Chunk, BlobInfo]]) -> None:
         """Record where each chunk sits in its file and the blob it is stored as."""
+        self.record_commits(batch_id, chunks, [])
+
+    def record_commits(self, batch_id: str | None, chunks: list[tuple[Chunk, BlobInfo]],
+                       replicas: Sequence[tuple[str, str]],
+                       hints: Sequence[tuple[str, str]] = (),
+                       unhints: Sequence[tuple[str, str]] = ()) -> None:
+        """Record committed chunks, their verified replicas, and the hints given and taken
+        back, in one transaction: a crash never leaves a chunk recorded without the
+        replicas that committed it (a resumed run skips recorded chunks), nor a chunk
+        short of its factor without its hint."""
         refs = []
         blobs = []
         for chunk, blob in chunks:
@@ -226,28 +272,47 @@ class Manifest:
                     f"chunk {chunk.file}#{chunk.index} has id {chunk.chunk_id} but its blob "
                     f"describes {blob.chunk_id}; pair each chunk with its own BlobInfo"
                 )
-            refs.append(
-                (batch_id, chunk.file, chunk.index, chunk.offset, chunk.size_bytes, chunk.chunk_id)
-            )
+            refs.append((batch_id, db_path(chunk.file), chunk.index, chunk.offset,
+                         chunk.size_bytes, chunk.chunk_id))
             blobs.append(
                 (blob.chunk_id, blob.raw_size, blob.blob_size, blob.blob_checksum, blob.codec)
             )
         with self._transaction(write=True) as conn:
-            self._require_batch(conn, batch_id)
-            # Last write wins: the blob just written to the nodes is the one to verify against.
-            conn.executemany(
-                "INSERT INTO blobs (chunk_id, raw_size, blob_size, blob_checksum, codec)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (chunk_id) DO UPDATE SET"
-                "  raw_size = excluded.raw_size, blob_size = excluded.blob_size,"
-                "  blob_checksum = excluded.blob_checksum, codec = excluded.codec",
-                blobs,
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO file_chunks"
-                " (batch_id, path, idx, offset, size, chunk_id) VALUES (?, ?, ?, ?, ?, ?)",
-                refs,
-            )
+            if hints:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO hints (chunk_id, node_id) VALUES (?, ?)", hints)
+            if refs and batch_id is not None:
+                self._require_batch(conn, batch_id)
+                # Last write wins: the blob just written to the nodes is the one to verify
+                # against.
+                conn.executemany(
+                    "INSERT INTO blobs (chunk_id, raw_size, blob_size, blob_checksum, codec)"
+                    " VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (chunk_id) DO UPDATE SET"
+                    "  raw_size = excluded.raw_size, blob_size = excluded.blob_size,"
+                    "  blob_checksum = excluded.blob_checksum, codec = excluded.codec",
+                    blobs,
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO file_chunks"
+                    " (batch_id, path, idx, offset, size, chunk_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    refs,
+                )
+            if replicas:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO replicas (chunk_id, node_id) VALUES (?, ?)",
+                    replicas)
+            if unhints:
+                conn.executemany("DELETE FROM hints WHERE chunk_id = ? AND node_id = ?",
+                                 unhints)
+
+    def add_blob(self, blob: BlobInfo) -> None:
+        """Record how an object no file chunk names (a batch's manifest) is stored."""
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO blobs (chunk_id, raw_size, blob_size, blob_checksum,"
+                " codec) VALUES (?, ?, ?, ?, ?)",
+                (blob.chunk_id, blob.raw_size, blob.blob_size, blob.blob_checksum, blob.codec))
 
     def add_replicas(self, pairs: list[tuple[str, str]]) -> None:
         """Record verified replicas as (chunk_id, node_id) pairs; known pairs are ignored."""
@@ -266,9 +331,12 @@ class Manifest:
             conn.executemany("DELETE FROM replicas WHERE chunk_id = ? AND node_id = ?", pairs)
 
     def finish_batch(
-        self, batch_id: str, status: str, result: dict[str, Any] | None = None
+        self, batch_id: str, status: str, result: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> None:
-        """Mark a batch "success" or "failed" and keep its result (stored as JSON)."""
+        """Mark a batch "success", "failed" or "interrupted", keep its result (as JSON) and
+        release its lease. With owner, only while owner holds the lease (BatchLeased if
+        another run took it over)."""
         if status not in _FINAL_STATUSES:
             raise StorageError(
                 f"cannot finish batch {batch_id!r} with status {status!r}: "
@@ -283,41 +351,39 @@ class Manifest:
             ) from exc
         with self._transaction(write=True) as conn:
             self._require_batch(conn, batch_id)
-            conn.execute(
-                "UPDATE batches SET status = ?, finished_at = ?, result = ? WHERE batch_id = ?",
-                (status, time.time(), text, batch_id),
+            fence = "" if owner is None else " AND owner = ?"
+            cursor = conn.execute(
+                "UPDATE batches SET status = ?, finished_at = ?, result = ?, owner = ''"
+                " WHERE batch_id = ?" + fence,
+                (status, time.time(), text, batch_id, *(() if owner is None else (owner,))),
             )
+            if not cursor.rowcount:
+                raise BatchLeased(f"batch {batch_id!r} is no longer this run's: another run "
+                                  f"took it over, and its run decides the batch")
 
     # -- reads ----------------------------------------------------------------------------
 
     def batch(self, batch_id: str) -> BatchRecord:
         """The batch with this id; UnknownBatch names the known ones."""
         with self._transaction(write=False) as conn:
-            row = conn.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
-            if row is None:
-                raise self._unknown_batch(conn, batch_id)
-        return _batch_record(row)
+            return self._batch(conn, batch_id)
 
     def batches(self) -> list[BatchRecord]:
         """Every batch, newest first."""
         with self._transaction(write=False) as conn:
             rows = conn.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq DESC"
+                f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY seq DESC"
             ).fetchall()
-        return [_batch_record(row) for row in rows]
+        return [batch_record(row) for row in rows]
 
     def files(self, batch_id: str) -> list[FileEntry]:
         """The batch's source files, sorted by path."""
         with self._transaction(write=False) as conn:
             self._require_batch(conn, batch_id)
             rows = conn.execute(
-                "SELECT path, size, chunk_count, digest FROM files"
-                " WHERE batch_id = ? ORDER BY path",
-                (batch_id,),
+                f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ?", (batch_id,)
             ).fetchall()
-        return [FileEntry(path=p, size=s, chunk_count=n, digest=d) for p, s, n, d in rows]
+        return sorted((file_entry(row) for row in rows), key=lambda f: f.path)
 
     def chunks(self, batch_id: str) -> list[ChunkRecord]:
         """Every chunk reference of the batch, ordered by path and index."""
@@ -330,7 +396,9 @@ class Manifest:
                 " WHERE fc.batch_id = ? ORDER BY fc.path, fc.idx",
                 (batch_id,),
             ).fetchall()
-        return [ChunkRecord(*row) for row in rows]
+        records = [ChunkRecord(py_path(row[0]), *row[1:]) for row in rows]
+        records.sort(key=lambda r: (r.path, r.index))
+        return records
 
     def chunk_ids(self, batch_id: str) -> list[str]:
         """The distinct chunk ids the batch references, sorted."""
@@ -404,7 +472,154 @@ class Manifest:
             ).fetchall()
         return {node_id: (count, size) for node_id, count, size in rows}
 
+    # -- hints: replicas a write could not place, replayed when nodes come back -----------
+
+    def add_hints(self, pairs: list[tuple[str, str]]) -> None:
+        """Remember (chunk_id, node_id) replicas still owed ("*": any node will do)."""
+        if not pairs:
+            return
+        with self._transaction(write=True) as conn:
+            conn.executemany("INSERT OR IGNORE INTO hints (chunk_id, node_id) VALUES (?, ?)",
+                             pairs)
+
+    def hints(self) -> dict[str, list[str]]:
+        """Chunk id -> the node ids hinted for it, sorted."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT chunk_id, node_id FROM hints ORDER BY chunk_id, node_id").fetchall()
+        found: dict[str, list[str]] = {}
+        for chunk_id, node_id in rows:
+            found.setdefault(chunk_id, []).append(node_id)
+        return found
+
+    def remove_hints(self, pairs: list[tuple[str, str]]) -> None:
+        """Forget hints that were replayed; unknown pairs are ignored."""
+        if not pairs:
+            return
+        with self._transaction(write=True) as conn:
+            conn.executemany("DELETE FROM hints WHERE chunk_id = ? AND node_id = ?", pairs)
+
+    # -- what gc may not take -------------------------------------------------------------
+
+    def referenced_chunk_ids(self) -> tuple[set[str], bool]:
+        """Chunk ids of completed and live-running batches (their manifests included), and
+        whether a live run is in progress (its fresh writes may not be recorded yet)."""
+        with self._transaction(write=False) as conn:
+            batches = [batch_record(row) for row in
+                       conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches").fetchall()]
+            keep = [b.batch_id for b in batches if b.status == "success" or b.lease_live]
+            ids: set[str] = {b.manifest_object for b in batches
+                             if b.status == "success" and b.manifest_object}
+            for batch_id in keep:
+                ids.update(row[0] for row in conn.execute(
+                    "SELECT DISTINCT chunk_id FROM file_chunks WHERE batch_id = ?", (batch_id,)))
+        return ids, any(b.lease_live for b in batches)
+
+    def forget_chunks(self, chunk_ids: list[str]) -> None:
+        """Drop the blob, replica and hint rows of chunks gc removed from every node."""
+        with self._transaction(write=True) as conn:
+            for table in ("blobs", "replicas", "hints"):
+                conn.executemany(f"DELETE FROM {table} WHERE chunk_id = ?",
+                                 [(c,) for c in chunk_ids])
+
+    # -- the manifest as data, for the copy kept on the nodes -----------------------------
+
+    def export_batch(self, batch_id: str, status: str | None = None,
+                     result: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to restore the batch, as JSON-ready data (``status`` and
+        ``result`` as they will be once the batch is finished, when given)."""
+        with self._transaction(write=False) as conn:
+            record = self._batch(conn, batch_id)
+            files = [file_entry(r) for r in conn.execute(
+                f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ?", (batch_id,))]
+            refs = conn.execute(
+                "SELECT path, idx, offset, size, chunk_id FROM file_chunks WHERE batch_id = ?",
+                (batch_id,)).fetchall()
+            blobs = conn.execute(
+                "SELECT b.chunk_id, b.raw_size, b.blob_size, b.blob_checksum, b.codec"
+                " FROM blobs AS b WHERE b.chunk_id IN"
+                " (SELECT chunk_id FROM file_chunks WHERE batch_id = ?)", (batch_id,)).fetchall()
+            replicas = conn.execute(
+                "SELECT chunk_id, node_id FROM replicas WHERE chunk_id IN"
+                " (SELECT chunk_id FROM file_chunks WHERE batch_id = ?)"
+                " ORDER BY chunk_id, node_id", (batch_id,)).fetchall()
+        placement: dict[str, list[str]] = {}
+        for chunk_id, node_id in replicas:
+            placement.setdefault(chunk_id, []).append(node_id)
+        return {
+            "format": EXPORT_FORMAT,
+            "batch": {"batch_id": record.batch_id, "status": status or record.status,
+                      "source": record.source, "source_cloud": record.source_cloud,
+                      "created_at": record.created_at,
+                      "finished_at": record.finished_at or time.time(),
+                      "fingerprint": record.fingerprint,
+                      "result": record.result if result is None else result},
+            "files": sorted([f.path, f.size, f.chunk_count, f.digest, f.mode, f.mtime_ns,
+                              f.kind, f.link_target, f.quarantine] for f in files),
+            "chunks": sorted([py_path(p), i, o, n, c] for p, i, o, n, c in refs),
+            "blobs": {c: [raw, size, checksum, codec] for c, raw, size, checksum, codec in blobs},
+            "replicas": placement,
+        }
+
+    def import_batch(self, data: dict[str, Any], manifest_object: str | None = None) -> str:
+        """Put back a batch `export_batch` gave (replacing what this cache knows of it)."""
+        if data.get("format") != EXPORT_FORMAT:
+            raise StorageError(f"not a multicloud batch manifest (format "
+                               f"{data.get('format')!r}, expected {EXPORT_FORMAT!r})")
+        try:
+            batch = data["batch"]
+            batch_id = str(batch["batch_id"])
+            files = [FileEntry(*row) for row in data["files"]]
+            refs = [(batch_id, db_path(p), i, o, n, c) for p, i, o, n, c in data["chunks"]]
+            blobs = [(c, *v) for c, v in data["blobs"].items()]
+            pairs = [(c, n) for c, nodes in data["replicas"].items() for n in nodes]
+            result = batch.get("result")
+            row = (batch_id, batch["status"], db_path(batch["source"]), batch["source_cloud"],
+                   batch["created_at"], batch.get("finished_at"),
+                   None if result is None else json.dumps(result, sort_keys=True),
+                   batch.get("fingerprint", ""), manifest_object)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"batch manifest is damaged ({exc!r}); try another "
+                               f"replica or `multicloud recover` again") from exc
+        with self._transaction(write=True) as conn:
+            here = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+                                (batch_id,)).fetchone()
+            if here is not None and batch_record(here).lease_live:
+                # A run here holds it (e.g. --replace): its rows are the truth until it ends.
+                raise BatchLeased(f"batch {batch_id!r} is being run by "
+                                  f"{describe_owner(batch_record(here).owner)}; recover it "
+                                  f"once that run has ended")
+            for table in ("file_chunks", "files", "batches"):
+                conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", (batch_id,))
+            conn.execute(
+                "INSERT INTO batches (batch_id, status, source, source_cloud, created_at,"
+                " finished_at, result, fingerprint, manifest_object, seq) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM batches))",
+                row)
+            conn.executemany(
+                "INSERT OR REPLACE INTO files (batch_id, path, size, chunk_count, digest, mode,"
+                " mtime_ns, kind, link_target, quarantine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(batch_id, db_path(f.path), f.size, f.chunk_count, f.digest, f.mode,
+                  f.mtime_ns, f.kind, None if f.link_target is None else db_path(f.link_target),
+                  f.quarantine) for f in files])
+            conn.executemany(
+                "INSERT OR REPLACE INTO file_chunks (batch_id, path, idx, offset, size, chunk_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)", refs)
+            conn.executemany(
+                "INSERT OR IGNORE INTO blobs (chunk_id, raw_size, blob_size, blob_checksum,"
+                " codec) VALUES (?, ?, ?, ?, ?)", blobs)
+            conn.executemany("INSERT OR IGNORE INTO replicas (chunk_id, node_id) VALUES (?, ?)",
+                             pairs)
+        return batch_id
+
     # -- internals ------------------------------------------------------------------------
+
+    def _batch(self, conn: sqlite3.Connection, batch_id: str) -> BatchRecord:
+        row = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+                           (batch_id,)).fetchone()
+        if row is None:
+            raise self._unknown_batch(conn, batch_id)
+        return batch_record(row)
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -479,19 +694,3 @@ class Manifest:
             listed += f", ... and {total - len(known)} more"
         return UnknownBatch(f"unknown batch {batch_id!r}: known batches: {listed}")
 
-
-_BATCH_COLUMNS = "batch_id, status, source, source_cloud, created_at, finished_at, result"
-
-
-def _batch_record(row: tuple[Any, ...]) -> BatchRecord:
-    """A BatchRecord from a row of ``_BATCH_COLUMNS``."""
-    batch_id, status, source, source_cloud, created_at, finished_at, result = row
-    return BatchRecord(
-        batch_id=batch_id,
-        status=status,
-        source=source,
-        source_cloud=source_cloud,
-        created_at=created_at,
-        finished_at=finished_at,
-        result=None if result is None else json.loads(result),
-    )
