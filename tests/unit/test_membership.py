@@ -174,7 +174,9 @@ async def test_pipeline_end_to_end_through_a_registry(
                     assert restored.read_bytes() == path.read_bytes()
             assert (await orch.verify_batch("e2e")).ok
             stored = {p.name for p in (tmp_path / "nodes").glob("*/objects/*/*/*")}
-            assert stored == set(orch.storage_manager.manifest.chunk_ids("e2e"))
+            # Every object is a chunk of the batch, or the batch's own manifest.
+            manifest = orch.storage_manager.manifest
+            assert stored == {*manifest.chunk_ids("e2e"), manifest.batch("e2e").manifest_object}
 
             # Heartbeats stop: the registry's detector, then the watcher, take it out.
             with turns(cluster, "gcp-node-1", NodeStatus.UNHEALTHY) as down:

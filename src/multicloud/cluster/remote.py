@@ -10,7 +10,12 @@ from pathlib import Path
 
 from multicloud.comm.cluster import Cluster
 from multicloud.comm.http import HttpComm
-from multicloud.control.membership import MembershipWatcher, fetch_nodes, worker_from_view
+from multicloud.control.membership import (
+    MembershipWatcher,
+    RegistryCatalog,
+    fetch_nodes,
+    worker_from_view,
+)
 from multicloud.core.config import ClusterConfig
 from multicloud.core.errors import ClusterError
 from multicloud.core.network import NetworkTopology
@@ -27,6 +32,7 @@ async def connect_cluster(registry_url: str, token: str, config: ClusterConfig |
     cluster = Cluster(config, [worker_from_view(v) for v in views], HttpComm(token),
                       topology=NetworkTopology(config),
                       data_dir=Path(data_dir) if data_dir is not None else None)
+    cluster.registry_catalog = RegistryCatalog(registry_url, token)
     watcher = MembershipWatcher(cluster, registry_url, token,
                                 config.service.heartbeat_interval_s)
     watcher.start()

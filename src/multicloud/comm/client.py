@@ -11,8 +11,10 @@ a read's bytes as they arrive.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from multicloud.blob.validate import InvalidRecord
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.errors import NodeUnavailable, ReplicaRefused, StorageError, from_wire
@@ -22,6 +24,16 @@ from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 ReplicaState = Literal["ok", "missing", "corrupt"]
 PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOutcome:
+    """What a node made of a chunk: the staged blob, and the record that did not parse."""
+
+    blob: BlobInfo
+    # The chunk's first record that does not parse, stored as it is all the same
+    # (`processing.on_invalid_records: quarantine`); None when every record parses.
+    invalid: InvalidRecord | None = None
 
 
 class NodeClient:
@@ -56,6 +68,11 @@ class NodeClient:
     async def process(self, node: WorkerNode, chunk: Chunk, data: Body,
                       origin: Location) -> BlobInfo:
         """Send raw bytes from origin (the source bucket) to node; it processes and stages them."""
+        return (await self.process_outcome(node, chunk, data, origin)).blob
+
+    async def process_outcome(self, node: WorkerNode, chunk: Chunk, data: Body,
+                              origin: Location) -> ProcessOutcome:
+        """`process`, also bringing back the record that did not parse, if any."""
         self._in_service(node)
         link = self.topology.link(origin, node.location)
         self.ledger.charge(link, len(data))
@@ -64,7 +81,9 @@ class NodeClient:
         if self._processing is not None:
             meta["processing"] = self._processing
         reply = await self._call(node, "process", meta, data, origin)
-        return BlobInfo.from_json(reply.meta["blob"])
+        invalid = reply.meta.get("invalid")
+        return ProcessOutcome(BlobInfo.from_json(reply.meta["blob"]),
+                              InvalidRecord.from_json(invalid) if invalid else None)
 
     async def replicate(self, src: WorkerNode, dst: WorkerNode, blob: BlobInfo) -> ReplicaAck:
         """Have src push its staged or stored blob to dst (src == dst stores it in place).
@@ -127,9 +146,37 @@ class NodeClient:
         meta = (await self._call(node, "usage")).meta
         return int(meta["chunks"]), int(meta["bytes"])
 
-    async def delete(self, node: WorkerNode, chunk_id: str) -> bool:
-        """Remove a chunk from node."""
-        return bool((await self._call(node, "delete", {"chunk_id": chunk_id})).meta["deleted"])
+    async def delete(self, node: WorkerNode, chunk_id: str,
+                     older_than: float | None = None) -> bool:
+        """Remove a chunk from node (with older_than: only if written before then)."""
+        meta: dict[str, Any] = {"chunk_id": chunk_id}
+        if older_than is not None:
+            meta["older_than"] = older_than
+        return bool((await self._call(node, "delete", meta)).meta["deleted"])
+
+    async def objects(self, node: WorkerNode) -> list[tuple[str, int, float]]:
+        """(id, size, mtime) of every object node holds."""
+        reply = await self._call(node, "inventory", {"details": True})
+        return [(str(c), int(n), float(t)) for c, n, t in reply.meta["objects"]]
+
+    async def write(self, node: WorkerNode, blob: BlobInfo, data: bytes,
+                    origin: Location) -> ReplicaAck:
+        """Store a blob made on this side (a batch manifest) on node, verified and durable."""
+        link = self.topology.link(origin, node.location)
+        self.ledger.charge(link, len(data))
+        await self.links.transfer(f"client {origin}", link, len(data))
+        reply = await self._call(node, "put", {"chunk_id": blob.chunk_id,
+                                               "checksum": blob.blob_checksum}, data, origin)
+        return ReplicaAck.from_json(reply.meta["ack"])
+
+    async def catalog_put(self, node: WorkerNode, entry: dict[str, Any]) -> bool:
+        """Record a batch entry on node; False when node holds a newer one."""
+        return bool((await self._call(node, "catalog", {"action": "put", "entry": entry})
+                     ).meta["kept"])
+
+    async def catalog_list(self, node: WorkerNode) -> list[dict[str, Any]]:
+        """The batch entries node holds."""
+        return list((await self._call(node, "catalog", {"action": "list"})).meta["entries"])
 
     async def close(self) -> None:
         """Release the channel's connections."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from multicloud.comm.client import NodeClient
 from multicloud.comm.faults import Faults
+from multicloud.control.membership import RegistryCatalog
 from multicloud.control.registry import NodeRegistry, WorkerNode
 from multicloud.core.config import ClusterConfig, ProcessingConfig
 from multicloud.core.errors import MulticloudError, NodeUnavailable
@@ -36,6 +37,8 @@ class Cluster(NodeRegistry):
         self.client = NodeClient(channel, self.topology, config.time_scale)
         self.faults = Faults(self, channel, self.topology)
         self._on_close: list[Callable[[], Awaitable[None]]] = []
+        # Cluster mode: the registry keeps the batch catalogue too (None when embedded).
+        self.registry_catalog: RegistryCatalog | None = None
 
     async def configure(self, processing: ProcessingConfig) -> None:
         """Give every node in service the transform chain and worker slots of this run."""

@@ -29,6 +29,7 @@ STATUS = {
     "unauthorized": 401, "too_large": 413, "disk_full": 507, "storage": 500,
     "node_unavailable": 503, "source_lost": 503, "transfer_timeout": 504,
     "insufficient_nodes": 503, "quorum": 503, "restore": 500,
+    "batch_exists": 409, "batch_leased": 409, "batch_conflict": 409,
 }
 
 

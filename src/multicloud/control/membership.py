@@ -76,6 +76,39 @@ def _heard_since(node: WorkerNode, view: dict[str, Any]) -> bool:
     return time.monotonic() - float(age) > node.unhealthy_since
 
 
+class RegistryCatalog:
+    """The registry's copy of the batch catalogue (cluster mode): put and list entries."""
+
+    def __init__(self, registry_url: str, token: str) -> None:
+        self.url = f"{registry_url.rstrip('/')}{API}/catalog"
+        self._token = token
+
+    async def put(self, entry: dict[str, Any]) -> bool:
+        """Record a batch entry; False when the registry holds a newer one."""
+        body = await self._call("PUT", entry)
+        return bool(body.get("kept"))
+
+    async def entries(self) -> list[dict[str, Any]]:
+        """Every entry the registry holds."""
+        body = await self._call("GET", None)
+        entries = body.get("entries")
+        return entries if isinstance(entries, list) else []
+
+    async def _call(self, method: str, payload: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            async with aiohttp.ClientSession(headers=auth_header(self._token)) as session, \
+                    session.request(method, self.url, json=payload,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise ClusterError(f"the registry's catalog answered {resp.status}: "
+                                       f"{body.get('message') if isinstance(body, dict) else ''}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ClusterError(f"cannot reach the registry's catalog at {self.url}: {exc}") \
+                from exc
+        return body if isinstance(body, dict) else {}
+
+
 class MembershipWatcher:
     """Polls the registry and mirrors node membership and health into a NodeRegistry."""
 

@@ -32,10 +32,11 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from multicloud.core.auth import auth_middleware
 from multicloud.core.config import ServiceConfig
-from multicloud.core.errors import ClusterError, ConfigError
+from multicloud.core.errors import ClusterError, ConfigError, StorageError
 from multicloud.core.exposition import CallbackCollector, metrics_response
 from multicloud.core.runfiles import service_url
 from multicloud.core.types import NodeStatus
+from multicloud.node.catalog import CatalogStore
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,9 @@ class RegistryServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._url: str | None = None
         self._metrics_registry: CollectorRegistry | None = None
+        # The committed batches, as the nodes list them too: a client that knows only the
+        # registry finds every batch here (`multicloud recover --cluster URL`).
+        self.catalog = CatalogStore(self.data_dir, owner="the registry")
 
     @property
     def url(self) -> str:
@@ -431,6 +435,8 @@ class RegistryServer:
             web.get("/v1/nodes/{node_id}", self._get),
             web.delete("/v1/nodes/{node_id}", self._delete),
             web.post("/v1/nodes/{node_id}/heartbeat", self._heartbeat),
+            web.get("/v1/catalog", self._catalog_list),
+            web.put("/v1/catalog", self._catalog_put),
             web.get("/v1/health", self._health),
             web.get("/metrics", self._metrics),
         ])
@@ -517,6 +523,20 @@ class RegistryServer:
         if not self.state.remove(node_id):
             return self._unknown(node_id, "list the nodes with GET /v1/nodes")
         return web.json_response({"removed": True})
+
+    async def _catalog_list(self, request: web.Request) -> web.StreamResponse:
+        entries = await asyncio.to_thread(self.catalog.entries)
+        return web.json_response({"entries": entries})
+
+    async def _catalog_put(self, request: web.Request) -> web.StreamResponse:
+        try:
+            entry = await _json_body(request)
+            kept = await asyncio.to_thread(self.catalog.put, entry)
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+        except (ValueError, StorageError) as exc:
+            return _error(400, "bad_request", str(exc))
+        return web.json_response({"kept": kept})
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         views = self.state.views()

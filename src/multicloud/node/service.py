@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from multicloud.blob import TransformChain, blob_checksum, check_blob
+from multicloud.blob.validate import InvalidRecord, find_invalid_record
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.errors import (
     ChunkNotFound,
@@ -41,12 +42,14 @@ from multicloud.core.errors import (
     MulticloudError,
     NodeUnavailable,
     StorageError,
+    ValidationFailed,
     error_code,
     to_wire,
 )
 from multicloud.core.messages import Body, Channel, NodeAddress, Reply, Request
 from multicloud.core.network import Link, LinkEmulator, Location
 from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
+from multicloud.node.catalog import CatalogStore
 from multicloud.node.faults import HeldWrites, NodeFaults
 from multicloud.node.metrics import NodeMetrics
 from multicloud.node.store import ChunkStore, check_chunk_id
@@ -118,6 +121,8 @@ class NodeService:
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix=f"{node_id}-io")
         self._workers: ThreadPoolExecutor | None = None
         self._chain: TransformChain | None = None
+        self._check_records = False  # whether .jsonl/.csv records are parsed (configure)
+        self._fail_on_invalid = True  # processing.on_invalid_records == "fail"
         self._staged: dict[str, tuple[bytes, BlobInfo]] = {}
         # The same chunk can be in flight twice at once (identical pieces of two files):
         # a staged blob stays until every processing of it has been released.
@@ -131,7 +136,9 @@ class NodeService:
             "get": self._op_get, "has": self._op_has, "delete": self._op_delete,
             "check": self._op_check, "inventory": self._op_inventory,
             "usage": self._op_usage, "release": self._op_release, "fault": self._op_fault,
+            "catalog": self._op_catalog,
         }
+        self.catalog = CatalogStore(store.root, owner=f"node {node_id}")
         self.configure(processing or ProcessingConfig())
 
     @property
@@ -198,8 +205,9 @@ class NodeService:
                 self.configure(ProcessingConfig.model_validate(wanted))
         except (TypeError, ValueError, AttributeError) as exc:
             raise ClusterError(f"a 'process' request with bad metadata: {exc}") from None
-        info = await self.process(chunk, data)
-        return Reply({"blob": info.to_json()})
+        info, invalid = await self.process_outcome(chunk, data)
+        return Reply({"blob": info.to_json(),
+                      "invalid": invalid.to_json() if invalid is not None else None})
 
     async def _op_push(self, request: Request) -> Reply:
         try:
@@ -235,12 +243,21 @@ class NodeService:
         return Reply({"present": self.has(check_chunk_id(_arg(request, "chunk_id")))})
 
     async def _op_delete(self, request: Request) -> Reply:
-        return Reply({"deleted": await self.delete(check_chunk_id(_arg(request, "chunk_id")))})
+        older_than = request.meta.get("older_than")
+        chunk_id = check_chunk_id(_arg(request, "chunk_id"))
+        if older_than is not None and (isinstance(older_than, bool)
+                                       or not isinstance(older_than, int | float)):
+            raise ClusterError(f"a 'delete' request has a malformed 'older_than': "
+                               f"{older_than!r} (expected epoch seconds)")
+        return Reply({"deleted": await self.delete(
+            chunk_id, None if older_than is None else float(older_than))})
 
     async def _op_check(self, request: Request) -> Reply:
         return Reply({"state": await self.check(check_chunk_id(_arg(request, "chunk_id")))})
 
     async def _op_inventory(self, request: Request) -> Reply:
+        if request.meta.get("details"):
+            return Reply({"objects": await self._run(self._io, self.store.describe)})
         return Reply({"chunks": await self.inventory()})
 
     async def _op_usage(self, request: Request) -> Reply:
@@ -250,6 +267,17 @@ class NodeService:
     async def _op_release(self, request: Request) -> Reply:
         self.release(str(_arg(request, "chunk_id")))
         return Reply({"released": True})
+
+    async def _op_catalog(self, request: Request) -> Reply:
+        action = request.meta.get("action")
+        if action == "list":
+            return Reply({"entries": await self._run(self._io, self.catalog.entries)})
+        if action == "put" and isinstance(request.meta.get("entry"), dict):
+            await self._before_write()
+            kept = await self._run(self._io, self.catalog.put, request.meta["entry"])
+            return Reply({"kept": kept})
+        raise ClusterError(f"a 'catalog' request needs action 'list', or 'put' with an "
+                           f"entry; got {action!r}")
 
     async def _op_fault(self, request: Request) -> Reply:
         if not self.allow_faults:
@@ -267,11 +295,16 @@ class NodeService:
 
     def configure(self, processing: ProcessingConfig, time_scale: float | None = None) -> None:
         """Set the transform chain, the number of worker slots and the link time scale."""
-        chain = TransformChain.from_config(processing)
+        # The node parses records itself, after the chain has checked that the bytes are the
+        # source's (see _transform): so a chunk whose records do not parse can still be
+        # encoded and staged in quarantine mode, and records are parsed once in either mode.
+        chain = TransformChain.from_config(processing.model_copy(update={"parse_records": False}))
         old = self._workers
         self._workers = ThreadPoolExecutor(processing.max_workers_per_node,
                                            thread_name_prefix=f"{self.node_id}-worker")
         self._chain = chain
+        self._check_records = "validate" in processing.transforms and processing.parse_records
+        self._fail_on_invalid = processing.on_invalid_records == "fail"
         self.worker_slots = processing.max_workers_per_node
         self._processing_key = _key(processing.model_dump(mode="json"))
         if time_scale is not None:
@@ -281,14 +314,25 @@ class NodeService:
 
     async def process(self, chunk: Chunk, data: Body) -> BlobInfo:
         """Validate and transform a chunk on a worker slot; stage the blob for distribution."""
+        info, _ = await self.process_outcome(chunk, data)
+        return info
+
+    async def process_outcome(self, chunk: Chunk, data: Body,
+                              ) -> tuple[BlobInfo, InvalidRecord | None]:
+        """`process`, also saying which record did not parse when the chunk was staged all
+        the same (`on_invalid_records: quarantine`); with `fail`, such a chunk raises
+        ValidationFailed and nothing is staged. Bytes that are not the source's (size or
+        checksum) raise ValidationFailed in either mode."""
         if self._workers is None or self._chain is None:  # pragma: no cover - set in __init__
             raise RuntimeError("NodeService.configure() was not called")
-        blob, info = await self._run(self._workers, self._chain.apply, chunk, data)
+        blob, info, invalid = await self._run(
+            self._workers, _transform, self._chain, chunk, data,
+            check_records=self._check_records, fail_on_invalid=self._fail_on_invalid)
         # Already staged (identical pieces of two files): keep the first blob, whose info
         # distribution is writing with, and hand out that info again.
         blob, info = self._staged.setdefault(info.chunk_id, (blob, info))
         self._staged_refs[info.chunk_id] = self._staged_refs.get(info.chunk_id, 0) + 1
-        return info
+        return info, invalid
 
     def staged_blob(self, chunk_id: str) -> bytes | None:
         """The staged blob of a processed chunk, if still held."""
@@ -394,10 +438,11 @@ class NodeService:
         """Whether the store holds the object (unverified)."""
         return self.store.exists(chunk_id)
 
-    async def delete(self, chunk_id: str) -> bool:
-        """Remove a stored object."""
+    async def delete(self, chunk_id: str, older_than: float | None = None) -> bool:
+        """Remove a stored object (only if last written before ``older_than``, when given:
+        gc's guard against taking an object a run has just written again)."""
         async with self._chunk_locks.hold(chunk_id):
-            return await self._run(self._io, self.store.delete, chunk_id)
+            return await self._run(self._io, self.store.delete, chunk_id, older_than)
 
     async def inventory(self) -> list[str]:
         """Ids of every object the node holds."""
@@ -518,6 +563,21 @@ class NodeService:
                    **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
+
+
+def _transform(chain: TransformChain, chunk: Chunk, data: Body, *, check_records: bool,
+               fail_on_invalid: bool) -> tuple[bytes, BlobInfo, InvalidRecord | None]:
+    """A chunk's blob and its first invalid record (on a worker slot).
+
+    The chain runs first: it checks that the bytes are the source's, and a chunk that fails
+    that is never stored. A record that does not parse is the source's own, so in
+    quarantine mode the blob holds it exactly as it is and a restore gives it back.
+    """
+    blob, info = chain.apply(chunk, data)
+    invalid = find_invalid_record(chunk, data) if check_records else None
+    if invalid is not None and fail_on_invalid:
+        raise ValidationFailed(invalid.message(chunk))
+    return blob, info, invalid
 
 
 def _key(processing: Any) -> str:

@@ -6,6 +6,15 @@ and the directory is fsynced, so a crash leaves either the whole object or none 
 Every OSError is mapped into the exception tree here, naming the node and what it was
 doing; a full disk (or quota) is `DiskFull` and leaves no temp file behind.
 
+Temp files live in `tmp/` and carry their owner: `<id[:16]>.<pid>.<boot>.<random>`, where
+boot is the first 8 characters of the kernel's boot id ("0" where it cannot be read). Any
+process may open a store that another one is writing to (`multicloud status` beside a
+`multicloud run`), so opening one only clears temp files whose writer is gone: a process
+no longer alive on this host, a process of an earlier boot, or this process itself (when
+no write of its own still has the file open). Names of the kind `write_partial` leaves
+(`*.partial`) and of the kind written before owners were recorded (`<id[:16]>.<random>`)
+have no live writer by construction; any other name is cleared once it is an hour old.
+
 The store keeps its object count and bytes as it goes (one directory walk when it opens),
 so usage and metrics are exact right after a write without walking the disk again. The
 methods are blocking: nodes call them from worker threads.
@@ -14,6 +23,7 @@ methods are blocking: nodes call them from worker threads.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import shutil
@@ -22,12 +32,84 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 from multicloud.core.errors import ChunkNotFound, InvalidChunkId, storage_error
 
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+# A temp file of a write in progress: <id[:16]>.<pid>.<boot>.<mkstemp's random part>.
+_TEMP_NAME = re.compile(r"[0-9a-f]{16}\.(?P<pid>[0-9]+)\.(?P<boot>[0-9a-z]+)\.[a-z0-9_]+")
+# Written before temp files carried their owner; that version cleared every temp file
+# whenever a store opened, so no writer of it relies on one surviving.
+_OWNERLESS_TEMP_NAME = re.compile(r"[0-9a-f]{16}\.[a-z0-9_]+")
+# What write_partial leaves: the write of a process that crashed, never a live one's.
+_CRASHED_SUFFIX = ".partial"
+# A name none of the above explains may be a writer we do not know: give it time.
+_UNKNOWN_TEMP_MAX_AGE_S = 3600.0
+
+# Temp files of this process's writes in flight, by name (names are unique enough: a
+# chunk-id prefix, the pid and a random part). A second store opened on the same root in
+# this process, or a node restart, must not take a file from under a write still using it.
+_in_flight: set[str] = set()
+_in_flight_lock = threading.Lock()
 
 FsyncObserver = Callable[[float], None]
+# Who may still use a temp file: a process alive now, none, or this very process.
+TempWriter = Literal["alive", "gone", "this process"]
+
+
+@functools.cache
+def _boot_marker() -> str:
+    """What tells this boot of this host from others in temp file names ("0" if unknown).
+
+    A pid alone names a process only until the machine restarts and hands it out again.
+    """
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text()
+    except OSError:
+        return "0"
+    marker = boot_id.strip().lower()[:8]
+    return marker if re.fullmatch(r"[0-9a-f]{8}", marker) else "0"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (POSIX, like the directory fsync)."""
+    if pid <= 0:
+        return False  # 0 and negative ids would signal process groups, not a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    except OverflowError:
+        return False  # larger than any pid the kernel can hand out
+    return True
+
+
+def _temp_writer(path: Path) -> TempWriter:
+    """Whose temp file this is, as far as clearing it goes (rules: the module docstring)."""
+    name = path.name
+    if name.endswith(_CRASHED_SUFFIX) or _OWNERLESS_TEMP_NAME.fullmatch(name):
+        return "gone"
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return "alive"  # renamed or removed since the listing: nothing to clear
+        return "gone" if age > _UNKNOWN_TEMP_MAX_AGE_S else "alive"
+    if match["boot"] != _boot_marker():
+        return "gone"  # written before this host last booted: that process is gone
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return "this process"
+    return "alive" if _process_alive(pid) else "gone"
+
+
+def temp_prefix(chunk_id: str, pid: int | None = None) -> str:
+    """The start of a temp file's name for a write of chunk_id by process pid (this one)."""
+    return f"{chunk_id[:16]}.{os.getpid() if pid is None else pid}.{_boot_marker()}."
 
 
 def check_chunk_id(chunk_id: str) -> str:
@@ -76,12 +158,18 @@ class ChunkStore:
         final = self.path_for(chunk_id)
         size = len(blob)
         tmp_name: str | None = None
+        in_flight: str | None = None
         try:
             previous = self.size(chunk_id) or 0
             if self.quota_bytes is not None and self.bytes - previous + size > self.quota_bytes:
                 raise OSError(errno.ENOSPC, "No space left on device (the node's quota is used)")
             self._make_dirs(final.parent)
-            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=chunk_id[:16] + ".")
+            # Created and registered under one lock: a store opening in another thread of
+            # this process sees the file only once it knows the file is in use.
+            with _in_flight_lock:
+                fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=temp_prefix(chunk_id))
+                in_flight = Path(tmp_name).name
+                _in_flight.add(in_flight)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(blob)
                 handle.flush()
@@ -99,6 +187,10 @@ class ChunkStore:
         finally:
             if tmp_name is not None:
                 Path(tmp_name).unlink(missing_ok=True)
+            if in_flight is not None:
+                # Only once the file is renamed or removed, so it is never unguarded.
+                with _in_flight_lock:
+                    _in_flight.discard(in_flight)
         with self._lock:
             if previous == 0:
                 self.count += 1
@@ -124,11 +216,15 @@ class ChunkStore:
         except FileNotFoundError:
             return None
 
-    def delete(self, chunk_id: str) -> bool:
-        """Remove the object; False when it was not there."""
+    def delete(self, chunk_id: str, older_than: float | None = None) -> bool:
+        """Remove the object; False when it was not there (or, with ``older_than``, when
+        it was written at or after that time)."""
         path = self.path_for(chunk_id)
         try:
-            size = path.stat().st_size
+            stat = path.stat()
+            if older_than is not None and stat.st_mtime >= older_than:
+                return False
+            size = stat.st_size
             path.unlink()
         except FileNotFoundError:
             return False
@@ -144,6 +240,17 @@ class ChunkStore:
         for path in self._objects.glob("*/*/*"):
             if _CHUNK_ID.fullmatch(path.name):
                 yield path.name
+
+    def describe(self) -> list[tuple[str, int, float]]:
+        """(id, size, mtime) of every object held, for gc."""
+        found = []
+        for chunk_id in self.inventory():
+            try:
+                stat = self.path_for(chunk_id).stat()
+            except FileNotFoundError:
+                continue  # deleted while listing
+            found.append((chunk_id, stat.st_size, stat.st_mtime))
+        return found
 
     def usage(self) -> tuple[int, int]:
         """(object count, total bytes), as kept since the store opened."""
@@ -161,12 +268,28 @@ class ChunkStore:
         return free
 
     def clear_temp_files(self) -> None:
-        """Drop leftovers of writes a crash interrupted: never acknowledged, safe to drop."""
+        """Drop leftovers of writes a crash interrupted: never acknowledged, safe to drop.
+
+        Only files whose writer is gone (see the module docstring): a write another process
+        is making right now keeps its temp file, or its rename would fail.
+        """
         for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+            writer = _temp_writer(leftover)
+            if writer == "gone":
+                leftover.unlink(missing_ok=True)
+            elif writer == "this process":
+                with _in_flight_lock:  # one of its writes may still be using the file
+                    if leftover.name not in _in_flight:
+                        leftover.unlink(missing_ok=True)
 
     def write_partial(self, name: str, nbytes: int) -> Path:
-        """Leave a partial temp file, as a crash in the middle of a write does (a fault)."""
+        """Leave a partial temp file, as a crash in the middle of a write does (a fault).
+
+        The name ends in `.partial` (added if missing), which marks a writer that crashed:
+        the next open of the store, or the node's restart, clears it.
+        """
+        if not name.endswith(_CRASHED_SUFFIX):
+            name += _CRASHED_SUFFIX
         path = self._tmp / name
         path.write_bytes(b"\0" * nbytes)
         return path
