@@ -241,21 +241,28 @@ def test_source_cloud_down_with_min_clouds_one(node_registry: NodeRegistry) -> N
 
 
 def test_too_few_nodes_raises_with_numbers(node_registry: NodeRegistry) -> None:
+    # Fewer nodes than asked for is not an error down to write_quorum (quorum writes).
+    assert len(placement(node_registry).select_target_nodes("c", "aws-node-1", 7)) == 6
     with pytest.raises(InsufficientNodes, match=r"needs 7 healthy nodes.*only 6 available"):
-        placement(node_registry).select_target_nodes("c", "aws-node-1", 7)
-    for node in ["aws-node-1", "aws-node-2", "gcp-node-1", "gcp-node-2"]:
+        placement(node_registry).select_target_nodes("c", "aws-node-1", 7, at_least=7)
+    for node in ["aws-node-1", "aws-node-2", "gcp-node-1", "gcp-node-2", "gcp-node-3"]:
         node_registry.nodes[node].status = "unhealthy"
-    with pytest.raises(InsufficientNodes, match=r"needs 3 healthy nodes.*only 2 available") as err:
+    with pytest.raises(InsufficientNodes,
+                       match=r"needs 2 healthy nodes.*write_quorum 2 of replication_factor 3.*"
+                             r"only 1 available") as err:
         placement(node_registry).select_target_nodes("c", "aws-node-1")
     assert "aws-node-3" in str(err.value)
-    assert "gcp-node-3" in str(err.value)
+    assert "lower write_quorum" in str(err.value)
 
 
-def test_too_few_clouds_raises_with_numbers(node_registry: NodeRegistry) -> None:
+def test_too_few_clouds_relaxes_min_clouds_but_not_force(node_registry: NodeRegistry) -> None:
     for node in GCP:
         node_registry.nodes[node].status = "unhealthy"
+    # min_clouds is relaxed to the clouds that are up rather than stopping the batch...
+    assert sorted(placement(node_registry).select_target_nodes("c", "aws-node-1")) == AWS
+    # ...but force_cross_cloud is what the batch asked for in so many words.
     with pytest.raises(InsufficientNodes, match=r"replicas in 2 clouds.*span 1 \(aws\)"):
-        placement(node_registry).select_target_nodes("c", "aws-node-1")
+        placement(node_registry).select_target_nodes("c", "aws-node-1", force_cross_cloud=True)
     with pytest.raises(InsufficientNodes, match=r"replicas in 2 clouds"):
         placement(node_registry, min_clouds=1).select_target_nodes(
             "c", "aws-node-1", force_cross_cloud=True)
@@ -300,6 +307,21 @@ def test_replacement_skips_unhealthy_nodes(node_registry: NodeRegistry) -> None:
     node_registry.nodes[others[0]].status = "unhealthy"
     current = [n for n in targets if n != gcp_target]
     assert p.replacement("c", "aws-node-1", current, [gcp_target]) == others[1]
+
+
+def test_a_forced_cross_cloud_replica_is_not_replaced_inside_the_source_cloud(
+        node_registry: NodeRegistry) -> None:
+    """The only gcp target failed and gcp is down: no aws node may stand in for it."""
+    p = placement(node_registry)
+    targets = p.select_target_nodes("c", "aws-node-1", force_cross_cloud=True)
+    (gcp_target,) = [n for n in targets if cloud_of(n) == "gcp"]
+    for node in GCP:
+        node_registry.nodes[node].status = "unhealthy"
+    current = [n for n in targets if n != gcp_target]
+    assert p.replacement("c", "aws-node-1", current, [gcp_target],
+                         force_cross_cloud=True) is None
+    # Without the force, an aws node keeps the write going (the spread is hinted).
+    assert cloud_of(p.replacement("c", "aws-node-1", current, [gcp_target]) or "") == "aws"
 
 
 def test_replacement_none_when_no_node_is_left(node_registry: NodeRegistry) -> None:

@@ -6,6 +6,11 @@ A chunk is committed as soon as `write_quorum` targets have verified and durably
 it; the remaining writes finish in the background (held, and awaited by `drain()`). A
 target that fails, times out or is marked unhealthy mid-write is replaced by the next
 placement candidate that keeps the cloud spread.
+
+With fewer healthy nodes than `replication_factor`, placement gives fewer targets (never
+fewer than `write_quorum`) and the chunk commits at quorum all the same: storage keeps a
+hint for each replica it is short, and `drain()` reports the chunks that finished short
+in one `under_replicated` event.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 LateAck = Callable[[DistributedChunk, ReplicaAck], None]
 
+# How many chunk ids an `under_replicated` event names (it always has the count).
+_IDS_SHOWN = 5
+
 
 def _ignore_late_ack(distributed: DistributedChunk, ack: ReplicaAck) -> None:
     """The LateAck of a coordinator used on its own: the ack is in distributed.replicas."""
@@ -58,6 +66,7 @@ class _ChunkWrite:
     source_lost: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)  # quorum, or no hope of it
     result: DistributedChunk | None = None
+    running: set[str] = field(default_factory=set)  # targets a write is running to now
 
 
 class DistributionCoordinator:
@@ -78,6 +87,8 @@ class DistributionCoordinator:
         self.on_event = on_event
         self._background: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(self.config.max_concurrent_distributions)
+        self._writes: dict[str, list[_ChunkWrite]] = {}  # chunk id -> its running writes
+        self._short: list[str] = []  # committed, every write done, fewer than RF replicas
 
     async def distribute(self, processed: ProcessedChunk,
                          force_cross_cloud: bool = False) -> DistributedChunk:
@@ -134,14 +145,18 @@ class DistributionCoordinator:
         assert blob is not None
         async with self._limit:
             with self.metrics.busy("distribution"):
+                # As many targets as there are, down to write_quorum (InsufficientNodes
+                # below it): a quorum write goes on when one replica cannot be placed.
                 targets = self.placement.select_target_nodes(
                     blob.chunk_id, processed.node_id, self.config.replication_factor,
-                    force_cross_cloud=force_cross_cloud, size_bytes=blob.blob_size)
+                    at_least=self.config.write_quorum, force_cross_cloud=force_cross_cloud,
+                    size_bytes=blob.blob_size)
                 state = _ChunkWrite(processed, self.config.write_quorum, current=list(targets),
                                     replacements_left=self.config.max_replacements)
                 writers = [asyncio.create_task(self._write_target(state, t, force_cross_cloud))
                            for t in targets]
                 finished: asyncio.Future[list[None]] = asyncio.gather(*writers)
+                self._track(state, finished)
                 waiter: asyncio.Task[bool] = asyncio.create_task(state.done.wait())
                 try:
                     either: list[asyncio.Future[Any]] = [finished, waiter]
@@ -156,9 +171,20 @@ class DistributionCoordinator:
         return state, finished
 
     async def drain(self) -> None:
-        """Wait for every background write to finish."""
+        """Wait for every background write to finish; report the chunks left short."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        self._report_short()
+
+    def writing(self, chunk_id: str) -> list[str]:
+        """Nodes a write of chunk_id is running to, or acked by a write not yet finished.
+
+        Repair counts them as holders: the manifest learns of them only when storage
+        flushes, and a repair that ignored them would leave a replica too many.
+        """
+        nodes = {n for state in self._writes.get(chunk_id, ())
+                 for n in (*state.running, *(a.node_id for a in state.acks))}
+        return sorted(nodes)
 
     def close(self) -> None:
         """Release the replica writer if this coordinator made it."""
@@ -178,6 +204,7 @@ class DistributionCoordinator:
                 return
             src = self.registry.nodes[processed.node_id]
             dst = self.registry.nodes[node_id]
+            state.running.add(dst.id)
             try:
                 ack = await self.writer.write(src, dst, blob)
             except ReplicaRefused as exc:
@@ -192,6 +219,9 @@ class DistributionCoordinator:
                 state.source_lost = True
                 state.done.set()
                 return
+            finally:
+                # No await between here and the ack below: repair sees one or the other.
+                state.running.discard(dst.id)
             state.acks.append(ack)
             if state.result is not None:  # quorum was reached earlier: a late ack
                 state.result.replicas.append(ack)
@@ -205,6 +235,9 @@ class DistributionCoordinator:
         """The node to write instead of a failed target (None: none left, or none needed)."""
         state.failed.append(failed)
         state.current.remove(failed)
+        if state.result is not None:
+            # Past quorum: the committed chunk's record follows, as it does for late acks.
+            state.result.failed_targets.append(failed)
         replacement = self._replacement(state, force_cross_cloud)
         blob = state.processed.result
         assert blob is not None
@@ -236,8 +269,43 @@ class DistributionCoordinator:
     async def _finish(self, state: _ChunkWrite, writers: asyncio.Future[list[None]],
                       src: WorkerNode | None) -> None:
         await asyncio.gather(writers, return_exceptions=True)
+        if len({a.node_id for a in state.acks}) < self.config.replication_factor:
+            self._short.append(state.processed.chunk.chunk_id)
         if src is not None:
             await self._release(src, state.processed.chunk.chunk_id)
+
+    def _track(self, state: _ChunkWrite, writers: asyncio.Future[list[None]]) -> None:
+        """Keep state findable by chunk id (for `writing`) until its writes are all done."""
+        chunk_id = state.processed.chunk.chunk_id
+        self._writes.setdefault(chunk_id, []).append(state)
+
+        def untrack(_: asyncio.Future[list[None]]) -> None:
+            # By identity: two writes of one chunk id (the same bytes in two files) differ.
+            left = [s for s in self._writes.get(chunk_id, []) if s is not state]
+            if left:
+                self._writes[chunk_id] = left
+            else:
+                self._writes.pop(chunk_id, None)
+
+        writers.add_done_callback(untrack)
+
+    def _report_short(self) -> None:
+        """One `under_replicated` event for the chunks committed short since the last one.
+
+        One event with the count and a few ids rather than one per chunk: with a node
+        down, that is every chunk of the batch.
+        """
+        if not self._short:
+            return
+        short, self._short = sorted(set(self._short)), []
+        rf = self.config.replication_factor
+        shown = short[:_IDS_SHOWN]
+        more = f" and {len(short) - len(shown)} more" if len(short) > len(shown) else ""
+        self.on_event("under_replicated",
+                      f"{len(short)} chunk(s) committed with fewer than {rf} replicas "
+                      f"({', '.join(c[:12] for c in shown)}{more}); hinted: repair brings "
+                      f"them to {rf} when a node comes back or joins", level="warning",
+                      count=len(short), chunk_ids=shown, replication_factor=rf)
 
     async def _release(self, src: WorkerNode, chunk_id: str) -> None:
         try:

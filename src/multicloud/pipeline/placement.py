@@ -6,11 +6,19 @@ rendezvous (highest-random-weight) hashing on the chunk id: the same chunk lands
 nodes on a re-run, and losing a node moves only the chunks it held. Weights are the
 nodes' capacities (static, so that placement stays stable while nodes fill); a node
 without room for the chunk (or whose disk said it is full this run) is skipped.
+
+Fewer healthy nodes than `replication_factor`, or fewer clouds than `min_clouds`, is not
+an error: placement returns as many targets as there are, spread over as many clouds as
+there are, and only fails below `write_quorum` targets (a quorum write commits with
+what it gets; storage keeps a hint for each replica short of the factor, and repair
+makes it up once a node comes back or joins). `force_cross_cloud` is the one exception:
+the batch asked for a second cloud in so many words, so it is never relaxed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +27,8 @@ from multicloud.control.registry import NodeRegistry, WorkerNode
 from multicloud.core.config import DistributionConfig
 from multicloud.core.errors import ClusterError, InsufficientNodes
 from multicloud.core.network import NetworkTopology
+
+log = logging.getLogger(__name__)
 
 _TWO_64 = float(2**64)
 
@@ -59,35 +69,47 @@ class NetworkAwarePlacement:
                            f"({', '.join(sorted(self.registry.nodes))}) or a cloud name")
 
     def select_target_nodes(self, chunk_id: str, source_node: str,
-                            num_replicas: int | None = None, *,
+                            num_replicas: int | None = None, *, at_least: int | None = None,
                             force_cross_cloud: bool = False, exclude: Iterable[str] = (),
                             size_bytes: int = 0) -> list[str]:
-        """The ids of the nodes that should hold the chunk's replicas, best first."""
+        """The ids of the nodes that should hold the chunk's replicas, best first.
+
+        Up to num_replicas (default replication_factor) targets, fewer when fewer healthy
+        nodes with room are left, but never fewer than at_least (default write_quorum):
+        below that InsufficientNodes says how many there are and what to do.
+        """
         wanted = num_replicas if num_replicas is not None else self.config.replication_factor
+        floor = min(wanted, at_least if at_least is not None else self.config.write_quorum)
         src_cloud = self.source_cloud_of(source_node)
         excluded = set(exclude)
         candidates = [n for n in self.registry.healthy_nodes()
                       if n.id not in excluded and has_room(n, size_bytes)]
-        if len(candidates) < wanted:
+        if len(candidates) < floor:
             full = sorted(n.id for n in self.registry.healthy_nodes() if n.full)
             why = (f"; disk full on {', '.join(full)}: free some space or add nodes, and run "
                    f"the batch again" if full else
-                   "; start more nodes or lower replication_factor")
+                   "; start more nodes or lower write_quorum")
+            quorum = (f" (write_quorum {self.config.write_quorum} of replication_factor "
+                      f"{self.config.replication_factor})" if at_least is None else "")
             raise InsufficientNodes(
-                f"placement needs {wanted} healthy nodes with room, only {len(candidates)} "
-                f"available ({', '.join(n.id for n in candidates) or 'none'}){why}"
+                f"placement needs {floor} healthy nodes with room{quorum}, only "
+                f"{len(candidates)} available "
+                f"({', '.join(n.id for n in candidates) or 'none'}){why}"
             )
         by_cloud: dict[str, list[WorkerNode]] = {}
         for node in rank_nodes(chunk_id, candidates):
             by_cloud.setdefault(node.cloud, []).append(node)
 
-        need_clouds = min(max(self.config.min_clouds, 2 if force_cross_cloud else 1), wanted)
-        if len(by_cloud) < need_clouds:
+        if force_cross_cloud and wanted > 1 and len(by_cloud) < 2:
             raise InsufficientNodes(
-                f"placement needs replicas in {need_clouds} clouds, healthy nodes span "
-                f"{len(by_cloud)} ({', '.join(sorted(by_cloud)) or 'none'}); start nodes in "
-                f"another cloud or lower min_clouds"
+                f"placement needs replicas in 2 clouds (force_cross_cloud), healthy nodes "
+                f"span {len(by_cloud)} ({', '.join(sorted(by_cloud)) or 'none'}); start nodes "
+                f"in another cloud or run the batch without force_cross_cloud"
             )
+        # min_clouds is what to aim for; with fewer clouds up, spread over all there are
+        # rather than stop the batch (the replicas stay where they are once clouds return).
+        want_clouds = min(max(self.config.min_clouds, 2 if force_cross_cloud else 1), wanted)
+        need_clouds = min(want_clouds, len(by_cloud))
         others = self.topology.cloud_preference(src_cloud, list(by_cloud))
 
         # First one node from the source cloud and from each nearest other cloud the
@@ -108,21 +130,28 @@ class NetworkAwarePlacement:
                     failed: Iterable[str], *, force_cross_cloud: bool = False,
                     size_bytes: int = 0) -> str | None:
         """A node to take over from failed targets, keeping the cloud spread; None if none."""
+        excluded = set(failed)
         try:
             targets = self.select_target_nodes(
-                chunk_id, source_node, len(current) + 1, force_cross_cloud=force_cross_cloud,
-                exclude=set(failed), size_bytes=size_bytes)
-        except InsufficientNodes:
-            try:
-                targets = self.select_target_nodes(
-                    chunk_id, source_node, 1, exclude=set(failed) | set(current),
-                    size_bytes=size_bytes)
-            except InsufficientNodes:
-                return None
+                chunk_id, source_node, len(current) + 1, at_least=1,
+                force_cross_cloud=force_cross_cloud, exclude=excluded, size_bytes=size_bytes)
+        except InsufficientNodes:  # force_cross_cloud with one cloud left
+            src_cloud = self.registry.get(source_node).cloud
+            if all(self.registry.get(n).cloud == src_cloud
+                   for n in current if n not in excluded):
+                return None  # the failed target was the other cloud: never relaxed
+            targets = []
         for node_id in targets:
             if node_id not in current:
                 return node_id
-        return None
+        # The spread kept the current targets: any other node with room will do.
+        try:
+            rest = self.select_target_nodes(chunk_id, source_node, 1, at_least=1,
+                                            exclude=excluded | set(current),
+                                            size_bytes=size_bytes)
+        except InsufficientNodes:
+            return None
+        return rest[0] if rest else None
 
 
 def has_room(node: WorkerNode, size_bytes: int) -> bool:
@@ -132,18 +161,29 @@ def has_room(node: WorkerNode, size_bytes: int) -> bool:
 
 def check_policy(registry: NodeRegistry, config: DistributionConfig,
                  force_cross_cloud: bool = False) -> None:
-    """Raise InsufficientNodes unless the healthy nodes can hold a batch under the policy."""
+    """Raise InsufficientNodes unless the healthy nodes can take a batch at write quorum.
+
+    Fewer than replication_factor nodes, or fewer clouds than min_clouds, only warns: the
+    batch runs with the replicas it can write (see the module docstring).
+    """
     healthy = registry.healthy_nodes()
     clouds = {n.cloud for n in healthy}
-    need_clouds = max(config.min_clouds, 2 if force_cross_cloud else 1)
+    if len(healthy) < config.write_quorum:
+        raise InsufficientNodes(
+            f"replication_factor is {config.replication_factor} (write_quorum "
+            f"{config.write_quorum}) but only {len(healthy)} healthy node(s) are up "
+            f"({', '.join(n.id for n in healthy) or 'none'}); start more nodes or lower "
+            f"write_quorum")
+    if force_cross_cloud and config.replication_factor > 1 and len(clouds) < 2:
+        raise InsufficientNodes(
+            f"force_cross_cloud but healthy nodes span {len(clouds)} cloud(s) "
+            f"({', '.join(sorted(clouds)) or 'none'}); add nodes in another cloud or run "
+            f"the batch without force_cross_cloud")
     if len(healthy) < config.replication_factor:
-        raise InsufficientNodes(
-            f"replication_factor is {config.replication_factor} but only {len(healthy)} "
-            f"healthy node(s) are up; start more nodes or lower replication_factor")
-    if len(clouds) < need_clouds:
-        why = "force_cross_cloud" if force_cross_cloud and config.min_clouds < 2 else \
-            f"min_clouds is {config.min_clouds}"
-        raise InsufficientNodes(
-            f"{why} but healthy nodes span {len(clouds)} cloud(s) "
-            f"({', '.join(sorted(clouds)) or 'none'}); add nodes in another cloud or "
-            f"lower min_clouds")
+        log.warning("only %d healthy node(s) for replication_factor %d: chunks are written "
+                    "at quorum (%d) and hinted until a node comes back or joins",
+                    len(healthy), config.replication_factor, config.write_quorum)
+    if len(clouds) < config.min_clouds:
+        log.warning("healthy nodes span %d cloud(s) (%s), min_clouds is %d: replicas are "
+                    "spread over the clouds that are up", len(clouds),
+                    ", ".join(sorted(clouds)) or "none", config.min_clouds)

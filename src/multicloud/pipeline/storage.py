@@ -5,14 +5,23 @@ chunk is stored once `write_quorum` acks are in; this stage records that in the 
 (grouped into few SQLite transactions) and counts it. Replicas that land later (the writes
 past quorum, repairs) are recorded the same way. `pipeline.repair` brings chunks back to
 the replication factor.
+
+Hinted handoff: a chunk committed with fewer than `replication_factor` acks gets a hint
+for each replica it is owed, (chunk id, the target that failed it) or (chunk id, "*")
+when no node can be named (fewer nodes than the factor, or a write still running).
+Hints are buffered and flushed like replicas; a chunk whose late acks (or repairs) bring
+it to the factor has its hints taken back. A hint left over is harmless: replaying it
+finds the chunk whole and forgets it. `Repairer.replay_hints` replays them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +37,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FLUSH_EVERY = 64  # chunks per manifest transaction
+# ...or fewer, once this long has passed: bounds what a kill -9 loses for a resume to redo.
+_FLUSH_AFTER_S = 1.0
 MANIFEST_FILE = "manifest.db"
+ANY_NODE = "*"  # the node id of a hint that names no node: any node will do
+
+
+@dataclass
+class _Owed:
+    """A chunk of this batch committed short of the replication factor."""
+
+    holders: set[str]  # nodes with a verified replica, as this run recorded them
+    hinted: set[str] = field(default_factory=set)  # node ids of its hints ("*" included)
 
 
 def manifest_path(node_registry: NodeRegistry) -> Path:
@@ -55,7 +75,12 @@ class StorageManager:
         self.chunk_ids: set[str] = set()
         self._pending_chunks: list[tuple[Chunk, BlobInfo]] = []
         self._pending_replicas: list[tuple[str, str]] = []
+        self._flushing_replicas: list[tuple[str, str]] = []  # being written right now
+        self._pending_hints: dict[str, set[str]] = {}  # chunk id -> node ids to hint
+        self._pending_unhints: list[tuple[str, str]] = []  # hints to take back
+        self._owed: dict[str, _Owed] = {}
         self._flush_lock = asyncio.Lock()
+        self._flushed_at = time.monotonic()
 
     @property
     def manifest(self) -> Manifest:
@@ -77,15 +102,19 @@ class StorageManager:
         """Commit what follows under this batch."""
         self.batch_id = batch_id
         self.chunk_ids.clear()
+        self._owed.clear()  # the last batch's hints are in the manifest, for replay
 
     def commit(self, distributed: DistributedChunk) -> StoredChunk:
-        """Record a chunk that reached quorum (buffered; `flush` writes it)."""
+        """Record a chunk that reached quorum, with a hint for each replica it is short of
+        the replication factor (buffered; `flush` writes them)."""
         self.metrics.attempt("storage")
         replicas = [ack.node_id for ack in distributed.replicas]
         committed = len(replicas) >= self.distribution.write_quorum
         if committed:
-            self._pending_chunks.append((distributed.chunk, distributed.blob))
-            self._pending_replicas.extend((distributed.blob.chunk_id, r) for r in replicas)
+            if self.batch_id is not None:  # the stage on its own records nothing
+                self._pending_chunks.append((distributed.chunk, distributed.blob))
+                self._pending_replicas.extend((distributed.blob.chunk_id, r) for r in replicas)
+                self._owe(distributed.blob.chunk_id, set(replicas), distributed.failed_targets)
             self.chunk_ids.add(distributed.blob.chunk_id)
             self.metrics.success("storage", distributed.blob.blob_size)
         else:
@@ -94,37 +123,93 @@ class StorageManager:
 
     def record_late_ack(self, distributed: DistributedChunk, ack: ReplicaAck) -> None:
         """A replica that finished after its chunk was committed."""
-        self.record_replica(ack.chunk_id, ack.node_id)
+        if self.batch_id is not None:
+            self.record_replica(ack.chunk_id, ack.node_id)
 
     def record_replica(self, chunk_id: str, node_id: str) -> None:
         """A verified replica of a committed chunk (buffered; `flush` writes it)."""
         self._pending_replicas.append((chunk_id, node_id))
+        owed = self._owed.get(chunk_id)
+        if owed is None:
+            return
+        owed.holders.add(node_id)
+        if len(owed.holders) >= self.distribution.replication_factor:
+            # Whole again: take its hints back, in the flush that records this replica.
+            del self._owed[chunk_id]
+            self._unhint(chunk_id, owed.hinted)
+
+    def unrecorded(self, chunk_id: str) -> list[str]:
+        """Nodes with a verified replica of chunk_id that the manifest does not have yet."""
+        return sorted({n for c, n in (*self._flushing_replicas, *self._pending_replicas)
+                       if c == chunk_id})
+
+    def _owe(self, chunk_id: str, holders: set[str], failed: list[str]) -> None:
+        """Hint the replicas a just-committed chunk is short of, if any.
+
+        Named after the targets that failed it (the latest first), and "*" for the rest:
+        a target still being written, or no target at all because too few nodes are up.
+        A write that lands later takes the hints back (`record_replica`).
+        """
+        owed = self._owed.get(chunk_id)
+        if owed is not None:  # the same bytes committed again (a file repeated in the batch)
+            holders |= owed.holders
+        missing = self.distribution.replication_factor - len(holders)
+        if missing <= 0:
+            if owed is not None:
+                del self._owed[chunk_id]
+                self._unhint(chunk_id, owed.hinted)
+            return
+        named: list[str] = []
+        for node_id in reversed(failed):
+            if node_id not in holders and node_id not in named and len(named) < missing:
+                named.append(node_id)
+        hinted = set(named) | ({ANY_NODE} if len(named) < missing else set())
+        if owed is None:
+            owed = self._owed[chunk_id] = _Owed(holders)
+        owed.holders = holders
+        new = hinted - owed.hinted
+        owed.hinted |= hinted
+        if new:
+            self._pending_hints.setdefault(chunk_id, set()).update(new)
+
+    def _unhint(self, chunk_id: str, node_ids: set[str]) -> None:
+        """Take hints back: drop them from the buffer, or queue their removal if flushed."""
+        buffered = self._pending_hints.pop(chunk_id, set())
+        self._pending_unhints.extend((chunk_id, n) for n in sorted(node_ids - buffered))
 
     async def flush(self, force: bool = True) -> None:
         """Write buffered commits to the manifest in one transaction."""
-        if not force and len(self._pending_chunks) < _FLUSH_EVERY:
+        if (not force and len(self._pending_chunks) < _FLUSH_EVERY
+                and time.monotonic() - self._flushed_at < _FLUSH_AFTER_S):
             return
         async with self._flush_lock:
+            self._flushed_at = time.monotonic()
             chunks, self._pending_chunks = self._pending_chunks, []
             replicas, self._pending_replicas = self._pending_replicas, []
-            if not (chunks or replicas) or self.batch_id is None:
-                return  # the stage used on its own, outside a batch: nothing to record
+            hinted, self._pending_hints = self._pending_hints, {}
+            unhints, self._pending_unhints = self._pending_unhints, []
+            hints = [(c, n) for c, nodes in sorted(hinted.items()) for n in sorted(nodes)]
+            if not (chunks or replicas or hints or unhints):
+                return
+            self._flushing_replicas = replicas
             try:
                 with self.metrics.busy("storage"):
-                    await asyncio.to_thread(self._write, self.batch_id, chunks, replicas)
+                    # One transaction: a chunk is never recorded without the replicas that
+                    # committed it (a resumed run skips recorded chunks), nor short without
+                    # its hint.
+                    await asyncio.to_thread(self.manifest.record_commits, self.batch_id,
+                                            chunks, replicas, hints, unhints)
             except BaseException:
                 # Keep them for the next flush (a full disk may have room once the writes
-                # in flight are done); writing them twice is harmless, both are upserts.
+                # in flight are done); writing them twice is harmless, all are upserts.
                 self._pending_chunks[:0] = chunks
                 self._pending_replicas[:0] = replicas
+                for chunk_id, nodes in hinted.items():
+                    self._pending_hints.setdefault(chunk_id, set()).update(nodes)
+                self._pending_unhints[:0] = unhints
                 raise
-
-    def _write(self, batch_id: str, chunks: list[tuple[Chunk, BlobInfo]],
-               replicas: list[tuple[str, str]]) -> None:
-        if chunks:
-            self.manifest.add_chunks(batch_id, chunks)
-        if replicas:
-            self.manifest.add_replicas(replicas)
+            finally:
+                self._flushing_replicas = []
 
     async def store_distributed_chunks(self, distributed: list[DistributedChunk],
                                        ) -> list[StoredChunk]:
