@@ -182,7 +182,8 @@ async def test_every_file_restores_byte_exact(orchestrator: PipelineOrchestrator
     verify = await orchestrator.verify_batch("restore")
     assert verify.ok, verify.problems
     assert verify.chunks == result.chunks_processed
-    assert verify.replicas_checked == verify.replicas_ok == 3 * result.chunks_processed
+    # Every chunk's three replicas, and the three of the batch's manifest on the nodes.
+    assert verify.replicas_checked == verify.replicas_ok == 3 * (result.chunks_processed + 1)
 
 
 async def test_every_chunk_has_three_replicas_spanning_two_clouds(
@@ -293,8 +294,9 @@ async def test_single_file_source(orchestrator: PipelineOrchestrator, config: Pi
     await assert_restored(orchestrator, "single", source)
 
 
-async def test_invalid_jsonl_line_fails_the_run(orchestrator: PipelineOrchestrator,
-                                                tmp_path: Path) -> None:
+async def test_invalid_jsonl_line_fails_the_run(
+        make_orchestrator: Callable[..., PipelineOrchestrator], tmp_path: Path) -> None:
+    orchestrator = make_orchestrator(processing={"on_invalid_records": "fail"})
     source = tmp_path / "aws_s3_simulation"
     (source / "logs").mkdir(parents=True)
     (source / "blob.bin").write_bytes(os.urandom(10_000))
@@ -368,8 +370,9 @@ async def test_identical_chunks_in_one_batch_need_no_retries(
 
 @pytest.mark.parametrize("where", ["starts_at_boundary", "straddles_boundary"])
 async def test_invalid_jsonl_line_at_a_chunk_boundary_fails_the_run(
-        orchestrator: PipelineOrchestrator, config: PipelineConfig, tmp_path: Path,
-        where: str) -> None:
+        make_orchestrator: Callable[..., PipelineOrchestrator], config: PipelineConfig,
+        tmp_path: Path, where: str) -> None:
+    orchestrator = make_orchestrator(processing={"on_invalid_records": "fail"})
     chunk = config.ingestion.chunk_size_bytes
     line = b'{"k": "' + b"a" * 1014 + b'"}\n'
     assert chunk % len(line) == 0
@@ -400,9 +403,11 @@ async def test_cancelled_run_leaves_the_orchestrator_usable(
         await task
 
     assert orchestrator.pipeline_status is not PipelineStatus.RUNNING
-    assert orchestrator.storage_manager.manifest.batch("cancelled").status == "failed"
+    assert orchestrator.storage_manager.manifest.batch("cancelled").status == "interrupted"
     again = await orchestrator.run_pipeline(batch)
     assert again.status == "success", again.error
+    # The second run resumed: what the first committed was neither read nor sent again.
+    assert again.metrics["resumed_chunks"] > 0
 
 
 async def test_a_new_run_knows_what_nodes_already_hold(
@@ -428,3 +433,22 @@ async def test_a_new_run_knows_what_nodes_already_hold(
     assert result.status == "success", result.error
     for node_id, (_, nbytes) in held.items():
         assert setup_test_cluster.nodes[node_id].used_bytes >= nbytes
+
+
+async def test_a_directory_where_a_file_goes_is_one_restore_error(
+        orchestrator: PipelineOrchestrator, tmp_path: Path) -> None:
+    """The other files come back; the one in the way is named, with no temp file left."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_bytes(b"alpha\n")
+    (source / "b.txt").write_bytes(b"beta\n")
+    result = await orchestrator.run_pipeline({"batch_id": "way", "data_source": str(source)})
+    assert result.status == "success", result.error
+    dest = tmp_path / "restored"
+    (dest / "b.txt").mkdir(parents=True)  # in the way
+
+    with pytest.raises(RestoreError, match=r"b\.txt"):
+        await orchestrator.restore_batch("way", dest)
+
+    assert (dest / "a.txt").read_bytes() == b"alpha\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt", "b.txt"]

@@ -14,14 +14,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from multicloud.core.errors import ConfigError
 
 MIB = 1024 * 1024
+# The smallest chunk: below it, per-chunk work (hash, manifest row, one request per replica)
+# swamps the bytes moved, and a size that rounds to a few bytes never finishes.
+MIN_CHUNK_BYTES = 64 * 1024
 
 TransformName = Literal["validate", "compress", "encrypt"]
 LinkClass = Literal["same_region", "cross_region", "cross_cloud"]
+OnInvalidRecords = Literal["quarantine", "fail"]
 
 
 class _Strict(BaseModel):
@@ -31,11 +42,21 @@ class _Strict(BaseModel):
 class IngestionConfig(_Strict):
     """How sources are cut into chunks."""
 
-    chunk_size_mb: float = Field(100.0, gt=0, description="chunk size in MiB")
+    chunk_size_mb: float = Field(100.0, gt=0, allow_inf_nan=False,
+                                 description="chunk size in MiB")
     max_inflight_chunks: int = Field(
         4, ge=1, description="full chunks of bytes between read and commit; bounds memory"
     )
     read_ahead: int = Field(2, ge=1, description="chunks read and hashed at once")
+
+    @field_validator("chunk_size_mb")
+    @classmethod
+    def _at_least_64_kib(cls, value: float) -> float:
+        if value * MIB < MIN_CHUNK_BYTES:
+            raise ValueError(
+                f"chunks of {value * MIB:g} bytes are below the {MIN_CHUNK_BYTES // 1024} KiB "
+                f"minimum; set chunk_size_mb to {MIN_CHUNK_BYTES / MIB} or more")
+        return value
 
     @property
     def chunk_size_bytes(self) -> int:
@@ -67,6 +88,10 @@ class ProcessingConfig(_Strict):
         default_factory=lambda: list[TransformName](["validate", "compress"])
     )
     parse_records: bool = Field(True, description="validate that .jsonl/.csv lines parse")
+    on_invalid_records: OnInvalidRecords = Field(
+        "quarantine",
+        description="a chunk whose records do not parse: 'quarantine' stores it byte-exact "
+                    "and records the file, line and reason; 'fail' fails the batch")
     max_attempts: int = Field(3, ge=1, description="tries per chunk before the batch fails")
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
@@ -103,11 +128,22 @@ class DistributionConfig(_Strict):
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
 
     @model_validator(mode="after")
-    def _quorum(self) -> DistributionConfig:
+    def _replica_counts(self) -> DistributionConfig:
         if self.write_quorum > self.replication_factor:
             raise ValueError(
                 f"write_quorum ({self.write_quorum}) must be <= replication_factor "
-                f"({self.replication_factor})"
+                f"({self.replication_factor}): a write cannot wait for more copies than it "
+                f"makes; lower write_quorum to {self.replication_factor} or raise "
+                f"replication_factor to {self.write_quorum}"
+            )
+        # Placement caps the clouds it spans at the replica count, so this config would
+        # quietly keep fewer clouds than it promises (one copy, one cloud, at rf 1).
+        if self.replication_factor < self.min_clouds:
+            raise ValueError(
+                f"replication_factor ({self.replication_factor}) must be >= min_clouds "
+                f"({self.min_clouds}): every cloud needs a replica of its own; raise "
+                f"replication_factor to {self.min_clouds} or lower min_clouds to "
+                f"{self.replication_factor}"
             )
         return self
 
@@ -117,6 +153,11 @@ class StorageConfig(_Strict):
 
     fsync: bool = Field(True, description="fsync objects before acknowledging")
     repair: bool = Field(True, description="re-replicate to replication_factor at the end")
+    anti_entropy_interval_s: float = Field(
+        600.0, ge=0, description="cluster mode: seconds between the registry's repair passes "
+                                 "over every batch (0: off)")
+    anti_entropy_chunks_per_s: float = Field(
+        200.0, gt=0, description="cluster mode: replicas a repair pass scrubs per second at most")
 
 
 class LinkProfile(_Strict):
@@ -360,12 +401,17 @@ def _validate(model: type[_Strict], raw: dict[str, Any], where: str) -> Any:
         return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             valid = ", ".join(_fields_at(model, err["loc"][:-1]))
             msg = f"{where}: unknown key {key!r} (valid keys: {valid})"
         else:
-            shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            # A rule across keys (a model validator) gets the whole mapping as its input:
+            # its message already names the keys and values, so echoing it would bury them.
+            value = err.get("input")
+            whole = err["type"] == "missing" or (err["type"] == "value_error"
+                                                 and isinstance(value, dict))
+            shown = "" if whole else f" (got {value!r})"
             text = err["msg"].removeprefix("Value error, ")
-            msg = f"{where}: {key}: {text}{shown}"
+            msg = f"{where}: {key}: {text}{shown}" if err["loc"] else f"{where}: {text}{shown}"
         raise ConfigError(msg) from exc

@@ -117,6 +117,9 @@ class ProcessedChunk:
     result: BlobInfo | None  # None when processing failed
     latency_s: float = 0.0
     error: str | None = None
+    # Why the chunk's records did not validate, e.g. "line 1234: not valid JSON: ...", when
+    # it was stored as it is all the same (`processing.on_invalid_records: quarantine`).
+    invalid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +167,16 @@ class StoredChunk:
 class FileEntry:
     """One source file of a batch (also the 0-byte ones, which have no chunks)."""
 
-    path: str  # relative, forward slashes
+    path: str  # relative, forward slashes; a name that is not UTF-8 keeps its bytes as
+    # surrogate escapes (os.fsdecode), so it is restored exactly
     size: int
     chunk_count: int
     digest: str  # SHA-256 over the concatenated chunk ids: a whole-file check
+    mode: int = 0o644  # permission bits, restored
+    mtime_ns: int = 0  # modification time, restored (0: unknown, left as restore time)
+    kind: str = "file"  # "file" or "symlink" (a link has no chunks; link_target is it)
+    link_target: str | None = None
+    quarantine: str | None = None  # why its records did not validate, when they did not
 
 
 @dataclass(slots=True)
@@ -216,17 +225,30 @@ class VerifyReport:
     replicas_checked: int = 0
     replicas_ok: int = 0
     problems: list[ReplicaProblem] = field(default_factory=list)
+    status: str = "success"  # the batch's status: only "success" is complete
+    under_replicated: int = 0  # chunks with fewer verified replicas than the policy wants
+
+    @property
+    def complete(self) -> bool:
+        """Whether the batch finished (an interrupted or failed one is never ok)."""
+        return self.status == "success"
 
     @property
     def ok(self) -> bool:
-        """True when no replica is missing, corrupt or unreachable."""
-        return not self.problems
+        """True for a complete batch with nothing missing or corrupt and every chunk at its
+        replication factor of verified replicas (a replica on a node that is down is
+        reported, and counts against a chunk only when it leaves it short)."""
+        return (self.complete and self.under_replicated == 0
+                and all(p.problem == "unavailable" for p in self.problems))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
         return {
             "batch_id": self.batch_id,
             "ok": self.ok,
+            "status": self.status,
+            "complete": self.complete,
+            "under_replicated": self.under_replicated,
             "chunks": self.chunks,
             "replicas_checked": self.replicas_checked,
             "replicas_ok": self.replicas_ok,

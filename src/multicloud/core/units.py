@@ -1,4 +1,11 @@
-"""Byte sizes as people write them ("1GiB", "500MB") and as we show them ("1.0 GiB")."""
+"""Byte sizes as people write them ("1GiB", "500MB") and as we show them ("1.0 GiB"),
+and file names as we show them.
+
+Paths are `str` everywhere, and a name that is not valid UTF-8 keeps its bytes as surrogate
+escapes (what `os.fsdecode` and `os.scandir` give), so the file system calls and the
+manifest get it back exactly. Such a string cannot be written to a UTF-8 terminal, log or
+JSON document as it is (`UnicodeEncodeError`); `display_path` is the form to show instead.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from decimal import Decimal
 
 from multicloud.core.errors import ConfigError
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["display_path", "format_bytes", "is_utf8", "parse_size"]
 
 # Binary units are powers of 1024, decimal ones powers of 1000, as in IEC 80000-13.
 _UNITS: dict[str, int] = {
@@ -71,3 +78,30 @@ def format_bytes(n: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} {_FORMAT_UNITS[-1]}"
+
+
+# C0 and C1 controls and DEL: a name holding one could move the cursor, clear the screen
+# or break a one-line view, so it is shown as an escape, as `ls -b` does.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def display_path(name: str) -> str:
+    """name for a terminal or a log: b"bad\\xff" reads "bad\\\\xff", never a crash."""
+    if name.isascii() and name.isprintable():
+        return name  # the common case, at the cost of two C-level scans
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (from JSON)
+        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    else:
+        text = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether text encodes to UTF-8 as it is (no surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -16,7 +16,7 @@ import csv
 import hashlib
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +128,11 @@ class _FileProgress:
 
 def _plan(files: list[SourceFile], size: int) -> Iterator[_Piece]:
     for source_file in files:
-        if source_file.size == 0:
+        if source_file.size == 0 or source_file.kind == "symlink":
+            # Nothing to read: an empty file, or a link, which is recorded and never read
+            # (reading it would store its target's bytes, and could block on a FIFO).
             yield _Piece(source_file, 0, 0, 0)
+            continue
         for index, offset in enumerate(range(0, source_file.size, size)):
             yield _Piece(source_file, index, offset, min(size, source_file.size - offset))
 
@@ -143,6 +146,8 @@ class IngestionStats:
     bytes: int = 0
     failures: int = 0
     seconds: float = 0.0  # time spent reading and hashing
+    resumed_chunks: int = 0  # committed by an earlier run of the batch: not read again
+    resumed_bytes: int = 0
     file_entries: list[FileEntry] = field(default_factory=list)
 
 
@@ -177,6 +182,7 @@ class DataIngestionEngine:
     async def iter_chunks(
         self, files: list[SourceFile], source_cloud: str,
         inflight: ByteBudget | None = None,
+        committed: Mapping[tuple[str, int], tuple[int, int, str]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Yield every chunk of files in order, raw bytes attached as `chunk.data`.
 
@@ -184,6 +190,9 @@ class DataIngestionEngine:
         SHA-256 runs on several cores). The chunk's size is taken from `inflight` before each
         read and
         released by the consumer once the chunk is done with: that bounds memory.
+
+        `committed` maps (file, index) to (offset, size, chunk id) for the chunks an earlier
+        run of the batch committed: those are neither read nor yielded (a resume).
         """
         size = self.config.chunk_size_bytes
         window: deque[tuple[_Piece, asyncio.Task[tuple[bytes | memoryview, str, str]]]] = \
@@ -194,6 +203,13 @@ class DataIngestionEngine:
                 state = progress.setdefault(piece.file.rel_path, _FileProgress())
                 if piece.length == 0:
                     self._file_done(piece.file, state)
+                    continue
+                done = committed.get((piece.file.rel_path, piece.index)) if committed else None
+                if done is not None and done[:2] == (piece.offset, piece.length):
+                    # Chunks before it finish first, so the file's ids stay in order.
+                    while window:
+                        yield await self._complete(*window.popleft(), source_cloud, progress)
+                    self._skip(piece, state, done[2])
                     continue
                 # Never block on a slot while holding chunks the consumer has not seen.
                 while inflight is not None and inflight.would_block(piece.length) and window:
@@ -256,11 +272,22 @@ class DataIngestionEngine:
                      record_format=fmt, csv_columns=state.csv_columns,
                      at_file_end=at_end, line_prefix=prefix, raw_xxh3=raw_xxh3, data=data)
 
+    def _skip(self, piece: _Piece, state: _FileProgress, chunk_id: str) -> None:
+        """Account for a chunk an earlier run committed, without reading it."""
+        state.ids.append(chunk_id)
+        state.carry = None  # its last line is unknown: the next boundary line goes unchecked
+        self.stats.resumed_chunks += 1
+        self.stats.resumed_bytes += piece.length
+        if piece.offset + piece.length >= piece.file.size:
+            self._file_done(piece.file, state)
+
     def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
         self.stats.files += 1
         self.stats.file_entries.append(FileEntry(
             path=source_file.rel_path, size=source_file.size, chunk_count=len(state.ids),
-            digest=file_digest(state.ids)))
+            digest=file_digest(state.ids), mode=source_file.mode,
+            mtime_ns=source_file.mtime_ns, kind=source_file.kind,
+            link_target=source_file.link_target))
 
     async def ingest_batch(self, source: str | Path | dict[str, Any]) -> list[Chunk]:
         """Chunk and hash a whole source; returns chunk metadata (bytes are re-read later)."""

@@ -65,12 +65,38 @@ class ReplicaStats:
         return self.writes / total if total else 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantinedRecord:
+    """A record that does not parse, in a chunk stored as it is (on_invalid_records: quarantine)."""
+
+    file: str
+    chunk: int  # index of the chunk within the file
+    line: int  # 1-based: in the file, or in the chunk when in_file is False
+    reason: str  # e.g. "not valid JSON: unexpected end of data at column 29"
+    in_file: bool = True  # False when the file's line could not be counted
+
+    @property
+    def where(self) -> str:
+        """The line, as a person reads it: "line 1234" or "line 12 of chunk 3"."""
+        return f"line {self.line}" if self.in_file else f"line {self.line} of chunk {self.chunk}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary's view: file, line and reason (and chunk, when line is the chunk's)."""
+        view: dict[str, Any] = {"file": self.file, "line": self.line, "reason": self.reason}
+        if not self.in_file:
+            view["chunk"] = self.chunk
+        return view
+
+
 class PipelineMetrics:
     """Counters and timers for one pipeline run, summarised as a plain dict."""
 
     def __init__(self) -> None:
         self.stages: dict[str, StageCounters] = {}
         self.replicas = ReplicaStats()
+        # (file, chunk index) -> the chunk's first invalid record, for the chunks stored
+        # although their records do not parse.
+        self.invalid_chunks: dict[tuple[str, int], QuarantinedRecord] = {}
         self.started = 0.0
         self.reset()
 
@@ -78,7 +104,24 @@ class PipelineMetrics:
         """Start counting a new run (the stages keep this object; its contents are new)."""
         self.stages = {s: StageCounters() for s in STAGES}
         self.replicas = ReplicaStats()
+        self.invalid_chunks = {}
         self.started = time.perf_counter()
+
+    def quarantine(self, record: QuarantinedRecord) -> bool:
+        """Note a chunk stored with an invalid record; False if it was noted already (a chunk
+        processed again, on another node, after its first node failed)."""
+        key = (record.file, record.chunk)
+        if key in self.invalid_chunks:
+            return False
+        self.invalid_chunks[key] = record
+        return True
+
+    def quarantined_files(self) -> dict[str, QuarantinedRecord]:
+        """File -> its first invalid record (chunks finish out of order: the lowest wins)."""
+        first: dict[str, QuarantinedRecord] = {}
+        for record in sorted(self.invalid_chunks.values(), key=lambda r: (r.chunk, r.line)):
+            first.setdefault(record.file, record)
+        return first
 
     def record_stage(self, stage: str, count: int) -> None:
         """Note how many items a stage handed on (a count users can set themselves)."""
@@ -141,5 +184,7 @@ class PipelineMetrics:
                 entry["latency_p95_s"] = percentile(c.latencies, 95)
                 entry["latency_p99_s"] = percentile(c.latencies, 99)
             summary[name] = entry
+        summary["processing"]["quarantined_files"] = [
+            record.to_json() for _, record in sorted(self.quarantined_files().items())]
         summary["stage_breakdown_s"] = {k: round(v, 6) for k, v in breakdown.items()}
         return summary

@@ -9,17 +9,26 @@ hop; when that node's worker slots are all busy, the least-loaded node of the cl
 a chunk and, when that node fails (it is down, or lost the chunk before quorum), on the
 next one. `multicloud run` runs processing and distribution inside it; `process_one` runs
 processing alone.
+
+A chunk whose records do not parse (a log cut off mid-line) is the source as it is: with
+`on_invalid_records: quarantine` the node stores it byte-exact all the same and the pool
+records where the first bad line of each file is and why (`quarantined`, the run summary,
+a `records_invalid` event); with `fail` it fails the batch. Bytes that changed on the way
+to the node fail it in either mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
+from multicloud.blob.validate import InvalidRecord
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import ProcessingConfig
@@ -36,7 +45,7 @@ from multicloud.core.network import Location
 from multicloud.core.types import Chunk, ProcessedChunk
 from multicloud.pipeline.events import Emit, no_events
 from multicloud.pipeline.ingestion import read_chunk_bytes
-from multicloud.pipeline.metrics import PipelineMetrics
+from multicloud.pipeline.metrics import PipelineMetrics, QuarantinedRecord
 from multicloud.pipeline.placement import rank_nodes
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,53 @@ T = TypeVar("T")
 # What makes a chunk move to another node: the node is gone, failed on its disk, or lost
 # the staged blob before the chunk reached quorum.
 NODE_FAILURES = (NodeUnavailable, StorageError, SourceLost)
+
+_COUNT_BLOCK = 4 * 1024 * 1024  # read size when counting a source file's lines
+
+
+class _LineCounter:
+    """Counts the newlines of a source file before an offset, resuming from earlier counts.
+
+    Only a chunk with an invalid record asks, so a file is read again at most once however
+    many of its chunks are bad (the counts are kept while the file's size and mtime hold).
+    """
+
+    def __init__(self) -> None:
+        # path -> ((size, mtime_ns), sorted [(offset, newlines before offset)])
+        self._marks: dict[Path, tuple[tuple[int, int], list[tuple[int, int]]]] = {}
+        self._locks: dict[Path, asyncio.Lock] = {}
+
+    async def lines_before(self, path: Path, offset: int) -> int:
+        """Newlines in path's first offset bytes; OSError if the file cannot be read."""
+        if offset == 0:
+            return 0
+        # One count at a time per file, so the second bad chunk resumes from the first.
+        async with self._locks.setdefault(path, asyncio.Lock()):
+            return await asyncio.to_thread(self._count, path, offset)
+
+    def _count(self, path: Path, offset: int) -> int:
+        stat = path.stat()
+        signature = (stat.st_size, stat.st_mtime_ns)
+        known, marks = self._marks.get(path, (signature, [(0, 0)]))
+        if known != signature:  # the file changed since: earlier counts do not hold
+            marks = [(0, 0)]
+        pos, lines = marks[bisect.bisect_right(marks, offset, key=lambda mark: mark[0]) - 1]
+        with path.open("rb") as source:
+            source.seek(pos)
+            while pos < offset:
+                block = source.read(min(_COUNT_BLOCK, offset - pos))
+                if not block:
+                    raise OSError(f"{path} is shorter than {offset} bytes now")
+                lines += block.count(b"\n")
+                pos += len(block)
+        bisect.insort(marks, (offset, lines))
+        self._marks[path] = (signature, marks)
+        return lines
+
+    def clear(self) -> None:
+        """Forget every count."""
+        self._marks.clear()
+        self._locks.clear()
 
 
 class ProcessingWorkerPool:
@@ -60,6 +116,22 @@ class ProcessingWorkerPool:
         self.on_event = on_event
         self._load: Counter[str] = Counter()
         self._configured = False
+        self._lines = _LineCounter()
+
+    @property
+    def quarantined(self) -> dict[str, str]:
+        """File -> why it was stored with records that do not parse: its first bad line and
+        the reason, e.g. "line 1234: not valid JSON: unexpected end of data at column 29".
+
+        Kept in the run's metrics, which the orchestrator resets at the start of each run.
+        """
+        return {file: f"{record.where}: {record.reason}"
+                for file, record in self.metrics.quarantined_files().items()}
+
+    def reset(self) -> None:
+        """Forget the quarantined files (a new run starts)."""
+        self.metrics.invalid_chunks.clear()
+        self._lines.clear()
 
     async def configure_nodes(self) -> None:
         """Hand the transform chain and slot count to every node in service."""
@@ -118,8 +190,10 @@ class ProcessingWorkerPool:
     async def process_on(self, node: WorkerNode, chunk: Chunk) -> ProcessedChunk:
         """Process one chunk on node: one attempt.
 
-        Bad data is not an exception: the result has `result=None` and the error. A node
-        that fails raises (see NODE_FAILURES). Each call counts one attempt of the stage.
+        Bad data is not an exception: the result has `result=None` and the error. Records
+        that do not parse in quarantine mode are not even that: the blob is staged and
+        `invalid` says why. A node that fails raises (see NODE_FAILURES). Each call counts
+        one attempt of the stage.
         """
         self.metrics.attempt("processing")
         started = time.perf_counter()
@@ -127,7 +201,7 @@ class ProcessingWorkerPool:
         try:
             with self.metrics.busy("processing"):
                 data = await read_chunk_bytes(chunk)
-                info = await self.registry.client.process(
+                outcome = await self.registry.client.process_outcome(
                     node, chunk, data, self.origin_of(chunk.source_cloud))
         except ValidationFailed as exc:
             self.metrics.failure("processing")
@@ -143,7 +217,44 @@ class ProcessingWorkerPool:
             self._load[node.id] -= 1
         latency = time.perf_counter() - started
         self.metrics.success("processing", chunk.size_bytes, latency)
-        return ProcessedChunk(chunk, node.id, info, latency)
+        invalid = None
+        if outcome.invalid is not None:
+            invalid = await self._quarantine(chunk, outcome.invalid)
+        return ProcessedChunk(chunk, node.id, outcome.blob, latency, invalid=invalid)
+
+    async def _quarantine(self, chunk: Chunk, problem: InvalidRecord) -> str:
+        """Record a chunk stored although a record of it does not parse; why, as a line."""
+        record = self.metrics.invalid_chunks.get((chunk.file, chunk.index))
+        if record is None:  # a chunk processed again after its node failed is noted once
+            record = await self._locate(chunk, problem)
+            if self.metrics.quarantine(record):
+                self.on_event(
+                    "records_invalid", f"{chunk.file}: {record.where}: {record.reason}; "
+                    f"stored as it is", level="warning", file=chunk.file, line=record.line,
+                    reason=record.reason, line_in_file=record.in_file, index=chunk.index,
+                    chunk_id=chunk.chunk_id)
+        return f"{record.where}: {record.reason}"
+
+    async def _locate(self, chunk: Chunk, problem: InvalidRecord) -> QuarantinedRecord:
+        """The invalid record with its line in the file, counted from the source when the
+        chunk does not start the file; its line in the chunk when the source cannot tell."""
+        if chunk.offset > 0:
+            if chunk.path is None:  # bytes held in memory: the lines before are not here
+                return QuarantinedRecord(chunk.file, chunk.index, problem.line, problem.reason,
+                                         in_file=False)
+            try:
+                before = await self._lines.lines_before(chunk.path, chunk.offset)
+            except OSError as exc:
+                log.warning("cannot count the lines of %s before byte %d: %s", chunk.path,
+                            chunk.offset, exc)
+                return QuarantinedRecord(chunk.file, chunk.index, problem.line, problem.reason,
+                                         in_file=False)
+        else:
+            before = 0
+        # The chunk's line 1 is the line the chunk starts in, the one after `before`
+        # newlines (it may have begun in the previous chunk).
+        return QuarantinedRecord(chunk.file, chunk.index, before + problem.line,
+                                 problem.reason)
 
     async def process_one(self, chunk: Chunk) -> ProcessedChunk:
         """Process one chunk, moving to another node when one fails."""

@@ -3,8 +3,15 @@
 Restore fetches each chunk from one replica at a time (healthy nodes nearest the restorer
 first), decodes it, and checks its SHA-256 against the chunk id; a missing or corrupt
 replica is skipped for the next and reported. A file is assembled in a temp file beside
-its destination, checked whole (size and chunk digest), fsynced and renamed into place,
-so a failed file leaves nothing behind.
+its destination, checked whole (size and chunk digest), given its recorded mode and
+modification time, fsynced and renamed into place, so a failed file leaves nothing behind.
+
+A symlink entry is recreated as a link (made under a temp name beside it, then renamed
+over whatever is there, so it replaces atomically and is never followed); its target is
+data and may point anywhere. Links are made after every regular file, and no file is ever
+written through a symlink under the destination: a path whose parent is a link (restored
+earlier or found there) is refused, like one that escapes the destination. Directories
+are left as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from multicloud.core.errors import (
 )
 from multicloud.core.network import Location
 from multicloud.core.types import FileEntry, ReplicaProblem, RestoreReport, VerifyReport
+from multicloud.core.units import display_path
 from multicloud.pipeline.ingestion import file_digest
 from multicloud.pipeline.manifest import ChunkRecord, Manifest
 
@@ -41,10 +49,13 @@ class BatchRestorer:
     """Restores and verifies the batches recorded in a manifest."""
 
     def __init__(self, node_registry: Cluster, manifest: Manifest,
-                 key: bytes | None = None, location: Location | None = None) -> None:
+                 key: bytes | None = None, location: Location | None = None,
+                 replication_factor: int = 0) -> None:
         self.registry = node_registry
         self.manifest = manifest
         self.key = key
+        # verify reports chunks with fewer verified replicas (0: any one will do)
+        self.replication_factor = replication_factor
         cloud = node_registry.config.default_source_cloud
         regions = node_registry.config.regions.get(cloud) or ["default"]
         self.location = location or Location(cloud, regions[0])
@@ -53,7 +64,7 @@ class BatchRestorer:
         """Rebuild every file of the batch under dest_dir; raise RestoreError if any fails."""
         batch = await asyncio.to_thread(self.manifest.batch, batch_id)
         if batch.status != "success":
-            raise RestoreError(f"batch {batch_id!r} did not complete (status {batch.status}); "
+            raise RestoreError(f"batch {batch_id!r} did not complete (status {batch.state}); "
                                f"run it again before restoring")
         files = await asyncio.to_thread(self.manifest.files, batch_id)
         records = await asyncio.to_thread(self.manifest.chunks, batch_id)
@@ -65,44 +76,65 @@ class BatchRestorer:
         dest = Path(dest_dir)
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
         report = RestoreReport(batch_id)
+        failures: dict[str, str] = {}  # path -> why, for the error message
         limit = asyncio.Semaphore(_FILES_AT_ONCE)
 
         async def one(entry: FileEntry) -> None:
             async with limit:
                 await self._restore_file(entry, by_file.get(entry.path, []), replicas, dest,
-                                         report)
+                                         report, failures)
 
         try:
             async with asyncio.TaskGroup() as group:
                 for entry in files:
-                    group.create_task(one(entry))
+                    if entry.kind != "symlink":
+                        group.create_task(one(entry))
         except* ConfigError as group:  # e.g. no key: the same for every file, report it once
             raise group.exceptions[0] from None
+        # Links last, one by one (cheap): a link made while files were still being written
+        # could be a parent directory one of them then went through.
+        for entry in files:
+            if entry.kind == "symlink":
+                await asyncio.to_thread(_restore_link, entry, dest, report, failures)
         if report.failed_files:
-            shown = ", ".join(sorted(report.failed_files)[:5])
+            shown = "; ".join(failures[p] for p in sorted(failures)[:5])
             raise RestoreError(f"{len(report.failed_files)} file(s) of batch {batch_id!r} "
-                               f"could not be restored from any replica: {shown}")
+                               f"could not be restored: {shown}")
         return report
 
     async def _restore_file(self, entry: FileEntry, chunks: list[ChunkRecord],
                             replicas: dict[str, list[str]], dest: Path,
-                            report: RestoreReport) -> None:
-        target = _safe_join(dest, entry.path)
-        fd, tmp = await asyncio.to_thread(_open_temp, target)
+                            report: RestoreReport, failures: dict[str, str]) -> None:
+        try:
+            target = _safe_join(dest, entry.path)
+            fd, tmp = await asyncio.to_thread(_open_temp, dest, entry.path, target)
+        except RestoreError as exc:
+            _failed(report, failures, entry.path, str(exc))
+            return
+        except OSError as exc:  # a read-only or full destination, a name too long
+            _failed(report, failures, entry.path,
+                    f"{display_path(entry.path)}: {exc.strerror or exc}")
+            return
         try:
             ids = []
             for record in sorted(chunks, key=lambda r: r.index):
                 raw = await self._fetch_chunk(record, replicas.get(record.chunk_id, []), report)
                 if raw is None:
-                    raise RestoreError(f"no good replica of chunk {record.index} of {entry.path}")
+                    raise RestoreError(f"no good replica of chunk {record.index} of "
+                                       f"{display_path(entry.path)}")
                 await asyncio.to_thread(_write_at, fd, record.offset, raw)
                 ids.append(record.chunk_id)
             if file_digest(ids) != entry.digest:
-                raise RestoreError(f"{entry.path}: its chunks do not match the manifest's digest")
-            await asyncio.to_thread(_commit_file, fd, tmp, target, entry.size)
+                raise RestoreError(f"{display_path(entry.path)}: its chunks do not match the "
+                                   f"manifest's digest")
+            await asyncio.to_thread(_commit_file, fd, tmp, target, entry)
         except RestoreError as exc:
-            log.error("restore of %s failed: %s", entry.path, exc)
-            report.failed_files.append(entry.path)
+            _failed(report, failures, entry.path, str(exc))
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            return
+        except OSError as exc:  # e.g. a directory where the file goes, a full disk
+            _failed(report, failures, entry.path,
+                    f"{display_path(entry.path)}: {exc.strerror or exc}")
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
             return
         except BaseException:
@@ -147,11 +179,14 @@ class BatchRestorer:
 
     async def verify(self, batch_id: str) -> VerifyReport:
         """Scrub every replica of the batch in place; list missing, corrupt, unreachable."""
-        await asyncio.to_thread(self.manifest.batch, batch_id)
+        batch = await asyncio.to_thread(self.manifest.batch, batch_id)
         ids = await asyncio.to_thread(self.manifest.chunk_ids, batch_id)
+        report = VerifyReport(batch_id, chunks=len(ids), status=batch.state)
+        if batch.manifest_object:
+            ids.append(batch.manifest_object)  # the batch's own manifest is data too
         replicas = await asyncio.to_thread(self.manifest.replicas, ids)
-        report = VerifyReport(batch_id, chunks=len(ids))
         limit = asyncio.Semaphore(_CHECKS_AT_ONCE)
+        verified: dict[str, int] = dict.fromkeys(ids, 0)
 
         async def check(chunk_id: str, node_id: str) -> None:
             async with limit:
@@ -159,6 +194,7 @@ class BatchRestorer:
             report.replicas_checked += 1
             if problem is None:
                 report.replicas_ok += 1
+                verified[chunk_id] += 1
             else:
                 report.problems.append(problem)
 
@@ -170,6 +206,8 @@ class BatchRestorer:
             if not replicas.get(chunk_id):
                 report.problems.append(ReplicaProblem(chunk_id, "-", "missing",
                                                       "no replica recorded"))
+        wanted = self.replication_factor or 1
+        report.under_replicated = sum(1 for count in verified.values() if count < wanted)
         report.problems.sort(key=lambda p: (p.chunk_id, p.node_id))
         return report
 
@@ -186,21 +224,91 @@ class BatchRestorer:
         return ReplicaProblem(chunk_id, node_id, state)
 
 
-def _open_temp(target: Path) -> tuple[int, Path]:
+def _open_temp(dest: Path, rel_path: str, target: Path) -> tuple[int, Path]:
     """A temp file beside target, so the final rename stays on one file system."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    _make_parent(dest, rel_path, target)
+    # Not named after the file: a name near the 255-byte limit would not leave room.
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".multicloud-", suffix=".partial")
     return fd, Path(name)
 
 
-def _commit_file(fd: int, tmp: Path, target: Path, expected_size: int) -> None:
-    """Check the size, make the file durable, and move it into place."""
+def _make_parent(dest: Path, rel_path: str, target: Path) -> None:
+    """Create target's directory, and check again that no link leads out of the way.
+
+    `_safe_join` checked before; mkdir(exist_ok) follows a link that appeared since, so
+    the check is repeated once the directories exist, before anything is created in them.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file where a directory of the path should be
+        raise RestoreError(f"cannot create the directory of {display_path(rel_path)}: "
+                           f"{exc.strerror}") from exc
+    _safe_join(dest, rel_path)
+
+
+def _commit_file(fd: int, tmp: Path, target: Path, entry: FileEntry) -> None:
+    """Check the size, set mode and mtime, make the file durable, and move it into place."""
     size = os.fstat(fd).st_size
-    if size != expected_size:
-        raise RestoreError(f"{target.name}: rebuilt {size} bytes, the manifest says "
-                           f"{expected_size}")
+    if size != entry.size:
+        raise RestoreError(f"{display_path(entry.path)}: rebuilt {size} bytes, the manifest "
+                           f"says {entry.size}")
+    # Through the descriptor, before the rename: the path may be replaced meanwhile, and
+    # the file appears under its name complete, mode and time included.
+    # setuid/setgid are dropped: ownership is not restored (the restorer owns every file),
+    # and a set-id file owned by whoever restores (root, say) is a privilege nobody had.
+    # cp -p and tar do the same when they cannot restore the owner.
+    os.fchmod(fd, entry.mode & 0o1777)
+    if entry.mtime_ns != 0:  # 0 is "unknown" (an older manifest); before 1970 is negative
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
     os.fsync(fd)
     os.replace(tmp, target)
+
+
+def _failed(report: RestoreReport, failures: dict[str, str], path: str, why: str) -> None:
+    """Count path as failed, saying why in the log and in the final error."""
+    log.error("restore of %s failed: %s", display_path(path), why)
+    report.failed_files.append(path)
+    failures[path] = why
+
+
+def _restore_link(entry: FileEntry, dest: Path, report: RestoreReport,
+                  failures: dict[str, str]) -> None:
+    """Recreate a symlink entry under dest, replacing what is at its path atomically."""
+    try:
+        if entry.link_target is None:
+            raise RestoreError(f"{display_path(entry.path)}: a symlink with no target in "
+                               f"the manifest")
+        target = _safe_join(dest, entry.path)
+        _make_parent(dest, entry.path, target)
+        tmp = _link_beside(entry.link_target, target)
+        try:
+            if entry.mtime_ns != 0 and os.utime in os.supports_follow_symlinks:
+                os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+            os.replace(tmp, target)  # rename never follows: a link or file there is replaced
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except RestoreError as exc:
+        _failed(report, failures, entry.path, str(exc))
+        return
+    except OSError as exc:  # e.g. a directory where the link goes
+        _failed(report, failures, entry.path,
+                f"{display_path(entry.path)}: cannot create the symlink: {exc.strerror}")
+        return
+    report.files_restored += 1
+
+
+def _link_beside(link_target: str, target: Path) -> Path:
+    """A new symlink to link_target under a free temp name in target's directory."""
+    for attempt in range(100):
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{attempt}.link"
+        try:
+            os.symlink(link_target, tmp)
+        except FileExistsError:
+            continue  # a leftover of an interrupted restore, or another restorer's
+        return tmp
+    raise RestoreError(f"{display_path(target.name)}: no free temp name for the link in "
+                       f"{display_path(str(target.parent))}")
 
 
 def _write_at(fd: int, offset: int, data: bytes) -> None:
@@ -212,8 +320,19 @@ def _write_at(fd: int, offset: int, data: bytes) -> None:
 
 
 def _safe_join(root: Path, rel_path: str) -> Path:
-    """root/rel_path, refusing paths that would escape root."""
-    target = Path(os.path.realpath(root / rel_path))
-    if not target.is_relative_to(os.path.realpath(root)):
-        raise RestoreError(f"manifest path {rel_path!r} escapes the destination; refusing")
+    """root/rel_path, refusing paths that escape root or go through a symlink under it.
+
+    The path's last component is not resolved: what is there (a file, a link from an
+    earlier restore) is replaced by rename, never written through.
+    """
+    real_root = Path(os.path.realpath(root))
+    target = real_root / rel_path  # an absolute rel_path replaces the root: refused below
+    parts = Path(rel_path).parts
+    # realpath of the parent equals the parent as written exactly when no component of it
+    # is a link, "..", or (for an absolute path) outside the root.
+    if (not parts or ".." in parts or target.name in ("", ".", "..")
+            or Path(os.path.realpath(target.parent)) != target.parent
+            or not target.parent.is_relative_to(real_root)):
+        raise RestoreError(f"manifest path {display_path(rel_path)!r} escapes the destination "
+                           f"or goes through a symlink; refusing")
     return target

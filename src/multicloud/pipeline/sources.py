@@ -2,16 +2,26 @@
 
 Cloud buckets (`s3://`, `gs://`) will sit behind the same `SourceFile` listing, chosen by
 URL scheme; until they exist such a source is refused with a clear error.
+
+A listing keeps files as they are: names are the file system's bytes (a name that is not
+UTF-8 carries surrogate escapes; `multicloud.core.units.display_path` shows it), regular
+files carry their permission bits and modification time, and a symbolic link is listed as
+a link (its target text, never its target's bytes) unless links are followed. FIFOs,
+sockets and devices are not data: they are never opened (opening a FIFO blocks until a
+writer comes) and are listed in `SourceListing.skipped` so the run can say what it left
+out.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from multicloud.core.errors import SourceError
+from multicloud.core.units import display_path
 
 _CLOUD_WORDS = {"aws": "aws", "s3": "aws", "gcp": "gcp", "gcs": "gcp", "gs": "gcp",
                 "google": "gcp", "azure": "azure", "blob": "azure"}
@@ -25,6 +35,10 @@ class SourceFile:
     rel_path: str  # relative to the source root, forward slashes
     path: Path  # absolute path to read from
     size: int
+    mode: int = 0o644  # permission bits
+    mtime_ns: int = 0
+    kind: str = "file"  # "file" or "symlink"
+    link_target: str | None = None  # what a symlink points to, as written
     # The file's bytes when they are in memory already (DataIngestionEngine.chunk_file):
     # chunks are cut from them instead of read from `path`.
     data: memoryview | None = field(default=None, compare=False, repr=False)
@@ -35,45 +49,170 @@ class SourceFile:
         return _RECORD_FORMATS.get(self.path.suffix.lower())
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedEntry:
+    """A directory entry a listing left out because it holds no data to store."""
+
+    path: str  # relative to the source root, forward slashes, like SourceFile.rel_path
+    kind: str  # "fifo", "socket", "char-device", "block-device", "broken-symlink", "other"
+    reason: str  # one line for an operator
+
+
+@dataclass(frozen=True, slots=True)
+class SourceListing:
+    """What `scan_source` found: the files to store, and the entries it left out."""
+
+    files: list[SourceFile]  # sorted by rel_path
+    skipped: list[SkippedEntry]  # sorted by path
+
+
 def list_source(source: str | Path) -> list[SourceFile]:
-    """Every regular file under source (or source itself), sorted by relative path."""
+    """Every regular file and symlink under source (or source itself), sorted by path."""
+    return scan_source(source).files
+
+
+def scan_source(source: str | Path, *, follow_symlinks: bool = False) -> SourceListing:
+    """List source: regular files, symlinks (as links, or followed), and what was skipped.
+
+    With follow_symlinks, a link to a regular file is listed as that file (its content)
+    and a link to a directory is walked; a link back to a directory that contains it
+    stays a link, so a loop ends. The source itself is always followed when it is a link.
+    """
     text = str(source)
     if re.match(r"^[a-z][a-z0-9+.-]*://", text):
         scheme = text.split("://", 1)[0]
         raise SourceError(f"source {text}: {scheme}:// buckets are not supported yet; copy "
                           f"the objects to a local directory and pass its path")
     root = Path(source)
+    shown = display_path(str(root))
     if not root.exists():
-        raise SourceError(f"source {root} does not exist: give an existing directory or file")
+        raise SourceError(f"source {shown} does not exist: give an existing directory or file")
     if root.is_file():
-        return [_describe(root, root.name)]
+        return SourceListing([_regular(root, root.name, root.stat())], [])
     if not root.is_dir():
-        raise SourceError(f"source {root} is neither a regular file nor a directory")
+        raise SourceError(f"source {shown} is neither a regular file nor a directory")
     if not os.access(root, os.R_OK | os.X_OK):
-        raise SourceError(f"source {root} is not readable (check its permissions)")
-    files: list[SourceFile] = []
-
-    def on_error(exc: OSError) -> None:
-        raise SourceError(f"cannot list {exc.filename}: {exc.strerror}") from exc
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
-        dirnames.sort()
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file():
-                continue  # links and special files are not data; following them could escape
-            files.append(_describe(path, path.relative_to(root).as_posix()))
-    return sorted(files, key=lambda f: f.rel_path)
+        raise SourceError(f"source {shown} is not readable (check its permissions)")
+    walk = _Walk(follow_symlinks)
+    real_root = root.stat()
+    walk.run(root, (real_root.st_dev, real_root.st_ino))
+    return SourceListing(sorted(walk.files, key=lambda f: f.rel_path),
+                         sorted(walk.skipped, key=lambda s: s.path))
 
 
-def _describe(path: Path, rel_path: str) -> SourceFile:
+_Ancestors = tuple[tuple[int, int], ...]  # (st_dev, st_ino) of each directory above
+
+
+class _Walk:
+    """One walk of a source tree; lstat-based, so nothing is opened but regular files.
+
+    Iterative (a stack of directories still to list), so a deep tree cannot exhaust
+    Python's recursion limit.
+    """
+
+    def __init__(self, follow_symlinks: bool) -> None:
+        self.follow = follow_symlinks
+        self.files: list[SourceFile] = []
+        self.skipped: list[SkippedEntry] = []
+        self._todo: list[tuple[Path, str, _Ancestors]] = []
+
+    def run(self, root: Path, root_key: tuple[int, int]) -> None:
+        """List everything under root."""
+        self._todo.append((root, "", (root_key,)))
+        while self._todo:
+            self._directory(*self._todo.pop())
+
+    def _directory(self, path: Path, rel: str, ancestors: _Ancestors) -> None:
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise SourceError(f"cannot list {display_path(str(path))}: {exc.strerror}") from exc
+        for entry in entries:
+            entry_path = Path(entry.path)
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we listed: it is not part of the batch
+            except OSError as exc:
+                raise SourceError(f"cannot stat {display_path(entry.path)}: "
+                                  f"{exc.strerror}") from exc
+            if stat.S_ISLNK(info.st_mode):
+                self._link(entry_path, entry_rel, info, ancestors)
+            elif stat.S_ISDIR(info.st_mode):
+                self._todo.append((entry_path, entry_rel,
+                                   (*ancestors, (info.st_dev, info.st_ino))))
+            elif stat.S_ISREG(info.st_mode):
+                self.files.append(_regular(entry_path, entry_rel, info))
+            else:
+                kind = _special_kind(info.st_mode)
+                self.skipped.append(SkippedEntry(entry_rel, kind, f"a {kind} holds no data "
+                                                                  f"to store; not read"))
+
+    def _link(self, path: Path, rel: str, info: os.stat_result,
+              ancestors: _Ancestors) -> None:
+        """A symlink: kept as a link, or (following) listed as what it points to."""
+        try:
+            target_text = os.readlink(path)
+        except OSError as exc:
+            raise SourceError(f"cannot read the link {display_path(str(path))}: "
+                              f"{exc.strerror}") from exc
+        if not self.follow:
+            self.files.append(_link(path, rel, info, target_text))
+            return
+        try:
+            target = path.stat()  # follows the link, through any chain of links
+        except OSError as exc:  # dangling, a loop of links (ELOOP), or no permission
+            self.skipped.append(SkippedEntry(
+                rel, "broken-symlink",
+                f"symlink to {display_path(target_text)} cannot be followed: {exc.strerror}"))
+            return
+        if stat.S_ISREG(target.st_mode):
+            self.files.append(_regular(path, rel, target))
+        elif stat.S_ISDIR(target.st_mode):
+            key = (target.st_dev, target.st_ino)
+            if key in ancestors:
+                # A link back up the tree would list it forever; kept as the link it is,
+                # restore recreates the same loop. Only ancestors count: two links to one
+                # directory elsewhere both give its files, which dedupe by chunk id.
+                self.files.append(_link(path, rel, info, target_text))
+            else:
+                self._todo.append((path, rel, (*ancestors, key)))
+        else:
+            kind = _special_kind(target.st_mode)
+            self.skipped.append(SkippedEntry(
+                rel, kind, f"symlink to a {kind} ({display_path(target_text)}); not read"))
+
+
+def _special_kind(mode: int) -> str:
+    """The SkippedEntry kind of a file that is neither regular, a directory nor a link."""
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char-device"
+    if stat.S_ISBLK(mode):
+        return "block-device"
+    return "other"
+
+
+def _regular(path: Path, rel_path: str, info: os.stat_result) -> SourceFile:
+    """A regular file (info: its stat, through the link when one was followed)."""
     if not os.access(path, os.R_OK):
-        raise SourceError(f"source file {path} is not readable (check its permissions)")
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise SourceError(f"cannot stat source file {path}: {exc.strerror}") from exc
-    return SourceFile(rel_path=rel_path, path=path.resolve(), size=size)
+        raise SourceError(f"source file {display_path(str(path))} is not readable "
+                          f"(check its permissions)")
+    return SourceFile(rel_path=rel_path, path=path.resolve(), size=info.st_size,
+                      mode=stat.S_IMODE(info.st_mode), mtime_ns=info.st_mtime_ns)
+
+
+def _link(path: Path, rel_path: str, info: os.stat_result, target: str) -> SourceFile:
+    """A symlink kept as a link: no bytes to read, its target text is the data."""
+    # path stays the link's own (absolute, not resolved): nothing reads through it.
+    return SourceFile(rel_path=rel_path, path=Path(os.path.abspath(path)), size=0,
+                      mode=stat.S_IMODE(info.st_mode), mtime_ns=info.st_mtime_ns,
+                      kind="symlink", link_target=target)
 
 
 def infer_source_cloud(source: str | Path, default: str) -> str:
