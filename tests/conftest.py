@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,15 @@ def small_config(**sections: dict[str, object]) -> PipelineConfig:
     """The shipped defaults with 64 KiB chunks, plus any section overrides."""
     config = load_config(None).replace(ingestion={"chunk_size_mb": CHUNK_MB})
     return config.replace(**sections) if sections else config
+
+
+@pytest.fixture(autouse=True)
+def _multicloud_log_level() -> Iterator[None]:
+    """The CLI's main() quiets the multicloud logger; give the next test its level back."""
+    logger = logging.getLogger("multicloud")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -40,6 +40,9 @@ service:
   max_body_mb: {MAX_BODY_MB}
 """
 INGESTION_YAML = "chunk_size_mb: 0.0625\n"  # 64 KiB chunks: every file has several
+# The registry's scheduled repairs stay off, so no test sees replicas it did not cause;
+# test_anti_entropy drives passes itself.
+STORAGE_YAML = "anti_entropy_interval_s: 0\n"
 
 
 def write_config_dir(path: Path) -> Path:
@@ -47,6 +50,7 @@ def write_config_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "cluster_config.yml").write_text(CLUSTER_YAML)
     (path / "ingestion_config.yml").write_text(INGESTION_YAML)
+    (path / "storage_config.yml").write_text(STORAGE_YAML)
     return path
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cli_outcome import Outcome
 
 from multicloud.ui.cli import main
 
@@ -27,19 +25,6 @@ CHUNK = 64 * 1024  # chunk_size_mb 0.0625, as the config dir below sets
 DATASET_BYTES = 2 * 1024 * 1024
 METRIC_KEYS = {"ingestion", "processing", "distribution", "storage", "node_failures_handled",
                "duration_seconds", "throughput_mb_s"}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Exit code and captured output of one command."""
-
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        """stdout parsed as JSON."""
-        return json.loads(self.out)
 
 
 class Cli:
@@ -93,23 +78,7 @@ def stored_objects(data_dir: Path) -> list[Path]:
 
 def assert_usage_error(outcome: Outcome, *needles: str) -> str:
     """Exit code 2, one `error:` line on stderr naming every needle, no traceback."""
-    assert outcome.code == 2, (outcome.out, outcome.err)
-    assert "Traceback" not in outcome.out + outcome.err
-    lines = outcome.err.splitlines()
-    assert len(lines) == 1, outcome.err
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _multicloud_log_level() -> Iterator[None]:
-    """main() quiets the multicloud logger; give other tests their level back."""
-    logger = logging.getLogger("multicloud")
-    level = logger.level
-    yield
-    logger.setLevel(level)
+    return outcome.error_line(*needles)
 
 
 @pytest.fixture
@@ -335,16 +304,21 @@ def test_a_bad_config_is_refused_before_anything_is_written(
     assert tree(source) == before
 
 
-@pytest.mark.parametrize(("nodes_per_cloud", "needles"), [
-    ("{aws: 3}", ["min_clouds is 2", "span 1 cloud(s) (aws)"]),
-    ("{aws: 1, gcp: 1}", ["replication_factor is 3", "only 2 healthy node(s)"]),
-], ids=["one-cloud", "two-nodes"])
+# Fewer nodes than replication_factor, or clouds than min_clouds, runs at write quorum
+# (tests/integration/test_hinted_handoff.py); below the quorum, or without the second
+# cloud that --force-cross-cloud asks for, nothing runs.
+@pytest.mark.parametrize(("nodes_per_cloud", "extra", "needles"), [
+    ("{aws: 3}", ["--force-cross-cloud"], ["force_cross_cloud", "span 1 cloud(s) (aws)"]),
+    ("{aws: 1}", [], ["replication_factor is 3", "write_quorum 2",
+                      "only 1 healthy node(s)"]),
+], ids=["one-cloud-forced", "one-node"])
 def test_a_cluster_too_small_for_the_policy_runs_nothing(
-        cli: Cli, source: Path, nodes_per_cloud: str, needles: list[str]) -> None:
+        cli: Cli, source: Path, nodes_per_cloud: str, extra: list[str],
+        needles: list[str]) -> None:
     cli.write_config("cluster", f"nodes_per_cloud: {nodes_per_cloud}\n")
     before = tree(source)
 
-    result = cli.run(source, "--batch-id", "b1")
+    result = cli.run(source, "--batch-id", "b1", *extra)
 
     assert_usage_error(result, *needles)
     assert cli.batch_ids() == []

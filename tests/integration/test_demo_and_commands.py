@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,34 @@ async def test_demo_runs_its_five_parts_and_proves_the_result(tmp_path: Path,
     assert "byte-identical to the source: yes" in text
 
 
-async def test_demo_skips_failure_recovery_when_no_node_can_be_spared(
+async def test_demo_on_three_nodes_fails_one_and_recovers_through_hints(
         tmp_path: Path, config_dir: Path) -> None:
+    """The walkthrough's aws, gcp, aws: no node to spare for 3 replicas, but 2 are a quorum."""
     (config_dir / "cluster_config.yml").write_text("nodes_per_cloud: {aws: 2, gcp: 1}\n")
+    out = Console(record=True, width=110, file=io.StringIO())
+    options = DemoOptions(workdir=tmp_path / "demo", config_dir=config_dir,
+                          size=parse_size("6MiB"))
+
+    ok = await run_demo(options, out)
+
+    text = " ".join(out.export_text().split())
+    assert ok, text
+    assert "skipped" not in text
+    assert "not fewer than the write quorum (2)" in text
+    assert "marking aws-node-2 unhealthy" in text
+    assert "run finished: success" in text
+    assert "under-replicated chunks: 0" not in text
+    assert "have fewer healthy replicas than the replication factor" in text
+    assert "aws-node-2 is back" in text
+    assert "0 chunk(s) still hinted" in text
+    assert re.search(r"chunks of demo-2 at 3 healthy replicas: (\d+)/\1\b", text), text
+    assert "0 missing or corrupt" in text
+    assert "byte-identical to the source: yes" in text
+
+
+async def test_demo_skips_failure_recovery_below_write_quorum(
+        tmp_path: Path, config_dir: Path) -> None:
+    (config_dir / "cluster_config.yml").write_text("nodes_per_cloud: {aws: 1, gcp: 1}\n")
     out = Console(record=True, width=110, file=io.StringIO())
     options = DemoOptions(workdir=tmp_path / "demo", config_dir=config_dir,
                           size=parse_size("2MiB"))
@@ -55,7 +81,8 @@ async def test_demo_skips_failure_recovery_when_no_node_can_be_spared(
 
     text = " ".join(out.export_text().split())
     assert ok, text
-    assert "skipped: taking a node away" in text
+    assert "skipped: taking a node away would leave fewer healthy nodes than write_quorum" \
+        in text
     assert "byte-identical to the source: yes" in text
 
 
@@ -141,3 +168,24 @@ async def test_demo_in_cluster_mode_kills_a_node_process_and_recovers(
     assert "byte-identical to the source: yes" in text
     run_dir = tmp_path / "demo" / "cluster-mode" / "run"
     assert not (run_dir / "cluster.json").exists()  # cluster down ran
+
+
+async def test_demo_in_cluster_mode_on_three_nodes_restarts_the_killed_node(
+        tmp_path: Path, config_dir: Path) -> None:
+    (config_dir / "cluster_config.yml").write_text(
+        "nodes_per_cloud: {aws: 2, gcp: 1}\n"
+        "service: {heartbeat_interval_s: 0.2, failure_timeout_s: 1.0}\n")
+    out = Console(record=True, width=110, file=io.StringIO())
+    options = DemoOptions(workdir=tmp_path / "demo", config_dir=config_dir,
+                          size=parse_size("6MiB"), cluster_mode=True)
+
+    ok = await run_demo(options, out)
+
+    text = " ".join(out.export_text().split())
+    assert ok, text
+    assert "killed aws-node-2" in text
+    assert "restarting aws-node-2 with its data" in text
+    assert "0 chunk(s) still hinted" in text
+    assert "0 on the failed node, 0 missing or corrupt" in text
+    assert "byte-identical to the source: yes" in text
+    assert not (tmp_path / "demo" / "cluster-mode" / "run" / "cluster.json").exists()

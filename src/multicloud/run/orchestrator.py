@@ -15,8 +15,12 @@ goes is in `self.live` (a `LiveView`), which is what the dashboard and `/metrics
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -28,7 +32,10 @@ from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import PipelineConfig, load_config
 from multicloud.core.errors import (
+    BatchLeased,
+    ClusterError,
     MulticloudError,
+    UnknownBatch,
     ValidationFailed,
 )
 from multicloud.core.network import TrafficLedger
@@ -42,16 +49,20 @@ from multicloud.core.types import (
     Stage,
     VerifyReport,
 )
+from multicloud.core.units import display_path
+from multicloud.pipeline.catalogue import Catalogue
 from multicloud.pipeline.distribution import DistributionCoordinator
 from multicloud.pipeline.events import EventSink
 from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
+from multicloud.pipeline.lease import LEASE_RENEW_S, describe_owner, this_owner
+from multicloud.pipeline.manifest_schema import ChunkRecord
 from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement, check_policy
 from multicloud.pipeline.processing import ProcessingWorkerPool
-from multicloud.pipeline.repair import Repairer, RepairReport, RepairsOnFailure
+from multicloud.pipeline.repair import HintReplays, Repairer, RepairReport, RepairsOnFailure
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.restore import BatchRestorer
-from multicloud.pipeline.sources import SourceFile, list_source
+from multicloud.pipeline.sources import SourceFile, scan_source
 from multicloud.pipeline.storage import StorageManager
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
 from multicloud.run.live import LiveView, ProgressListener
@@ -86,10 +97,15 @@ class PipelineOrchestrator:
             on_event=emit)
         self.repairer = Repairer(node_registry, lambda: self.storage_manager.manifest,
                                  config.distribution, self.writer,
-                                 self.storage_manager.record_replica, placement)
+                                 self.storage_manager.record_replica, placement,
+                                 in_flight=self._in_flight)
         self.repairs_on_failure = RepairsOnFailure(self.repairer, self.storage_manager,
                                                    self.metrics)
+        # Copies a quorum write could not place are hinted; a node that comes back gets them.
+        self.hint_replays = HintReplays(self.repairer)
         self._unsubscribe = node_registry.subscribe(self._on_node_status)
+        self._owner = this_owner(secrets.token_hex(4))  # each orchestrator its own lease
+        self._skipped: list[dict[str, str]] = []
 
     # -- the run's state, as the user's dashboard code reads it ----------------------------
 
@@ -148,36 +164,67 @@ class PipelineOrchestrator:
     # -- running -------------------------------------------------------------------------
 
     async def run_pipeline(self, batch_config: dict[str, Any]) -> PipelineResult:
-        """Execute the complete pipeline: Ingestion -> Processing -> Distribution -> Storage."""
+        """Execute the complete pipeline: Ingestion -> Processing -> Distribution -> Storage.
+
+        A batch id names one content forever: the same source again is a no-op, other
+        content is refused (``replace`` in batch_config overrides), and a run that did not
+        complete (crash, Ctrl-C, SIGTERM) resumes, skipping the chunks it committed. A
+        cancelled run drains its writes, records what it committed, and marks the batch
+        ``interrupted``.
+        """
         if self.live.running:
             raise MulticloudError("this orchestrator is already running a batch; "
                                   "start another orchestrator for a parallel batch")
         batch_id = str(batch_config.get("batch_id") or f"batch-{int(time.time())}")
         self.metrics.reset()
         self.ingestion_engine.reset()
+        self.processing_pool.reset()
         self.repairs_on_failure.created = 0
         self.live.begin(batch_id, Stage.INGESTION.value)
         started = time.perf_counter()
         ledger_before = self.node_registry.client.ledger.snapshot()
         begun = False
+        renewal: asyncio.Task[None] | None = None
         try:
             source, cloud = self.ingestion_engine.resolve(batch_config)
             force = bool(batch_config.get("force_cross_cloud", False))
-            files = await asyncio.to_thread(list_source, source)
+            listing = await asyncio.to_thread(
+                scan_source, source, follow_symlinks=bool(batch_config.get("follow_symlinks")))
+            files = listing.files
             check_policy(self.node_registry, self.config.distribution, force)
             self.live.total_bytes = sum(f.size for f in files)
             manifest = self.storage_manager.manifest
-            await asyncio.to_thread(manifest.begin_batch, batch_id, str(source), cloud)
+            await self._learn_batch(batch_id)
+            mode = await asyncio.to_thread(
+                manifest.begin_batch, batch_id, str(source), cloud,
+                fingerprint=f"{source_fingerprint(files)}:{self.config.ingestion.chunk_size_bytes}",
+                owner=self._owner,
+                replace=bool(batch_config.get("replace", False)))
+            if mode == "done":
+                return await self._already_done(batch_id)
             begun = True
+            renewal = asyncio.create_task(self._renew_lease(batch_id))
+            committed = await self._committed(batch_id) if mode == "resume" else {}
             self.storage_manager.begin(batch_id)
+            self.storage_manager.chunk_ids.update(ref[2] for ref in committed.values())
             await self.storage_manager.load_node_usage()
             await self.processing_pool.configure_nodes()
+            self._skipped = [{"file": e.path, "kind": e.kind, "reason": e.reason}
+                             for e in listing.skipped]
             self.live.emit("pipeline_started",
                            f"batch {batch_id}: {len(files)} files, {self.live.total_bytes} "
-                           f"bytes from {source} ({cloud})", source=str(source),
+                           f"bytes from {source} ({cloud})"
+                           + (f", resuming {len(committed)} committed chunks"
+                              if committed else ""), source=str(source),
                            source_cloud=cloud, files=len(files),
-                           total_bytes=self.live.total_bytes)
-            await self._stream(files, cloud, force)
+                           total_bytes=self.live.total_bytes, resumed_chunks=len(committed))
+            if self._skipped:
+                self.live.emit("files_skipped", f"{len(self._skipped)} entries are not "
+                               f"regular files or links and were skipped: "
+                               f"{', '.join(display_path(e['file']) for e in self._skipped[:5])}",
+                               level="warning", skipped=self._skipped)
+            self.live.committed_bytes += sum(ref[1] for ref in committed.values())
+            await self._stream(files, cloud, force, committed)
             result = await self._finish(batch_id, started, ledger_before)
         except* MulticloudError as group:
             error = group.exceptions[0]
@@ -185,14 +232,113 @@ class PipelineOrchestrator:
                 error = error.exceptions[0]
             result = await self._fail(batch_id, started, error, begun)
         finally:
+            if renewal is not None:
+                renewal.cancel()
+                await asyncio.gather(renewal, return_exceptions=True)
             if self.live.running:
-                # Cancelled, or a bug: leave the orchestrator usable and the batch marked.
+                # Cancelled (Ctrl-C, SIGTERM), or a bug: record what committed, so the
+                # same command resumes, and leave the orchestrator usable.
                 self.live.end(PipelineStatus.FAILED)
                 if begun:
-                    await asyncio.shield(asyncio.to_thread(
-                        self.storage_manager.manifest.finish_batch, batch_id, "failed",
-                        {"status": "failed", "error": "interrupted"}))
+                    await asyncio.shield(self._interrupted(batch_id))
         return result
+
+    async def _renew_lease(self, batch_id: str) -> None:
+        manifest = self.storage_manager.manifest
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                held = await asyncio.to_thread(manifest.renew_lease, batch_id, self._owner)
+            except MulticloudError as exc:  # a busy manifest: the next renewal may pass
+                log.warning("could not renew the lease of batch %s: %s", batch_id, exc)
+                continue
+            if not held:
+                log.error("batch %s was taken over by another run; this one will not "
+                          "mark it done", batch_id)
+                return
+
+    async def _learn_batch(self, batch_id: str) -> None:
+        """Ask the cluster about a batch id this cache does not know: it may name a batch
+        run from another machine (or before this cache was lost), and ids are immutable
+        cluster-wide."""
+        manifest = self.storage_manager.manifest
+        try:
+            await asyncio.to_thread(manifest.batch, batch_id)
+            return
+        except UnknownBatch:
+            pass
+        report = await self.catalogue().recover(only=batch_id)
+        if batch_id in report.failed:
+            raise ClusterError(f"the cluster knows batch {batch_id!r} but its manifest could "
+                               f"not be read ({report.failed[batch_id]}); choose another "
+                               f"--batch-id, or bring its nodes back and run again")
+
+    async def _check_lease(self, batch_id: str) -> None:
+        """BatchLeased when another run took the batch over (this one stalled past the
+        lease's time to live): only the holder may mark it done."""
+        record = await asyncio.to_thread(self.storage_manager.manifest.batch, batch_id)
+        if record.owner != self._owner or record.status != "running":
+            raise BatchLeased(f"batch {batch_id!r} was taken over by "
+                              f"{describe_owner(record.owner)} while this run stalled; "
+                              f"its run decides the batch")
+
+    async def _committed(self, batch_id: str) -> dict[tuple[str, int], tuple[int, int, str]]:
+        """The chunks an earlier run of the batch committed, as ingestion skips them."""
+        manifest = self.storage_manager.manifest
+
+        def read() -> tuple[list[ChunkRecord], dict[str, list[str]]]:
+            records = manifest.chunks(batch_id)
+            return records, manifest.replicas(sorted({r.chunk_id for r in records}))
+
+        records, held = await asyncio.to_thread(read)
+        if not records:
+            return {}
+        # Skipped only where a node still lists it: a chunk whose copies went meanwhile
+        # (a gc elsewhere, a lost disk) is read and sent again, not taken on trust.
+        nodes = sorted({n for holders in held.values() for n in holders})
+        listed = dict(zip(nodes, await asyncio.gather(*(self._listing(n) for n in nodes)),
+                          strict=True))
+        return {(r.path, r.index): (r.offset, r.size, r.chunk_id) for r in records
+                if any(r.chunk_id in listed[n] for n in held[r.chunk_id])}
+
+    async def _listing(self, node_id: str) -> set[str]:
+        """The objects a node holds (none when it is down or does not answer)."""
+        node = self.node_registry.nodes.get(node_id)
+        if node is None or not node.healthy:
+            return set()
+        try:
+            return set(await self.node_registry.client.inventory(node))
+        except MulticloudError as exc:
+            log.warning("%s did not list its objects (its chunks are sent again): %s",
+                        node_id, exc)
+            return set()
+
+    async def _already_done(self, batch_id: str) -> PipelineResult:
+        record = await asyncio.to_thread(self.storage_manager.manifest.batch, batch_id)
+        done = record.result or {}
+        self.live.end(PipelineStatus.COMPLETED)
+        self.live.emit("pipeline_finished", f"batch {batch_id} is already complete with this "
+                       f"content: nothing to do", status="success", already_done=True)
+        return PipelineResult(status="success", batch_id=batch_id, duration_seconds=0.0,
+                              chunks_processed=int(done.get("chunks_processed", 0)),
+                              bytes_processed=int(done.get("bytes_processed", 0)),
+                              files=int(done.get("files", 0)),
+                              metrics={**done.get("metrics", {}), "already_done": True})
+
+    async def _interrupted(self, batch_id: str) -> None:
+        """Drain the writes past quorum, record every committed chunk, mark the batch."""
+        try:
+            await self.distribution_coordinator.drain()
+            await self.storage_manager.flush()
+            await asyncio.to_thread(self.storage_manager.manifest.finish_batch, batch_id,
+                                    "interrupted", {"status": "interrupted",
+                                                    "committed_chunks": self.live.committed_chunks},
+                                    self._owner)
+        except MulticloudError as exc:
+            log.error("could not record the interruption of batch %s: %s", batch_id, exc)
+        self.live.emit("pipeline_interrupted", f"batch {batch_id} interrupted after "
+                       f"{self.live.committed_chunks} chunks; run the same command to resume",
+                       level="warning", status="interrupted")
 
     async def restore_batch(self, batch_id: str, dest_dir: str | Path) -> RestoreReport:
         """Rebuild every file of a batch, byte-exact, under dest_dir."""
@@ -202,10 +348,27 @@ class PipelineOrchestrator:
         """Check every replica of a batch."""
         return await self._restorer().verify(batch_id)
 
+    async def chunk_ids_of(self, batch_id: str | None) -> list[str]:
+        """The chunk ids of one batch, or of every completed batch, with their manifests."""
+        manifest = self.storage_manager.manifest
+
+        def collect() -> list[str]:
+            records = [manifest.batch(batch_id)] if batch_id else [
+                b for b in manifest.batches() if b.status == "success"]
+            ids: set[str] = set()
+            for record in records:
+                ids.update(manifest.chunk_ids(record.batch_id))
+                if record.manifest_object:
+                    ids.add(record.manifest_object)
+            return sorted(ids)
+
+        return await asyncio.to_thread(collect)
+
     async def close(self) -> None:
         """Finish background writes and repairs, record them, release the manifest."""
         await self.distribution_coordinator.drain()
         await self.repairs_on_failure.settle()
+        await self.hint_replays.settle()
         try:
             await self.storage_manager.flush()
         except MulticloudError as exc:
@@ -216,10 +379,11 @@ class PipelineOrchestrator:
 
     # -- one run ----------------------------------------------------------------------------
 
-    async def _stream(self, files: list[SourceFile], cloud: str, force: bool) -> None:
+    async def _stream(self, files: list[SourceFile], cloud: str, force: bool,
+                      committed: dict[tuple[str, int], tuple[int, int, str]]) -> None:
         ingestion = self.config.ingestion
         inflight = ByteBudget(ingestion.max_inflight_chunks * ingestion.chunk_size_bytes)
-        chunks = self.ingestion_engine.iter_chunks(files, cloud, inflight)
+        chunks = self.ingestion_engine.iter_chunks(files, cloud, inflight, committed)
         async with asyncio.TaskGroup() as group, aclosing(chunks):
             async for chunk in chunks:
                 group.create_task(self._chunk_flow(chunk, force, inflight))
@@ -259,13 +423,24 @@ class PipelineOrchestrator:
         storage = self.storage_manager
         await storage.flush()
         stats = self.ingestion_engine.stats
-        await asyncio.to_thread(storage.manifest.add_files, batch_id, stats.file_entries)
+        quarantined = self.processing_pool.quarantined
+        entries = [dataclasses.replace(e, quarantine=quarantined.get(e.path))
+                   for e in stats.file_entries]
+        await asyncio.to_thread(storage.manifest.add_files, batch_id, entries)
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
         await self.repairs_on_failure.settle()
         early = self.repairs_on_failure.created
         repair = await self._final_repair(early) if self.config.storage.repair else None
         await self.repairs_on_failure.settle()  # a node that failed during the final pass
         await storage.flush()
+        # The batch counts as done only once its manifest is on the nodes too: losing
+        # this machine's disk must not lose the way back to the files. (Published before
+        # the summary, so the run's traffic includes it.)
+        await self._check_lease(batch_id)
+        await self.catalogue().publish(batch_id, {
+            "status": "success", "batch_id": batch_id, "files": stats.files,
+            "chunks_processed": stats.chunks + stats.resumed_chunks,
+            "bytes_processed": stats.bytes + stats.resumed_bytes})
         by_cloud, by_node = await storage.usage_by_place()
         facts = RunFacts(
             duration_s=time.perf_counter() - started, ingestion=stats,
@@ -277,13 +452,16 @@ class PipelineOrchestrator:
             node_failures_handled=self.live.node_failures_handled,
             events=self.live.events, timeline=self.live.timeline)
         summary = run_summary(self.metrics, facts)
+        summary["ingestion"]["skipped_entries"] = self._skipped
+        summary["resumed_chunks"] = stats.resumed_chunks
         result = PipelineResult(status="success", batch_id=batch_id,
                                 duration_seconds=facts.duration_s,
-                                chunks_processed=stats.chunks, bytes_processed=stats.bytes,
+                                chunks_processed=stats.chunks + stats.resumed_chunks,
+                                bytes_processed=stats.bytes + stats.resumed_bytes,
                                 files=stats.files, metrics=summary)
         self._stage_complete(Stage.STORAGE, summary["storage"])
         await asyncio.to_thread(storage.manifest.finish_batch, batch_id, "success",
-                                result.to_dict())
+                                result.to_dict(), self._owner)
         self.live.end(PipelineStatus.COMPLETED)
         self.live.emit("pipeline_finished", f"batch {batch_id}: success, {stats.chunks} "
                        f"chunks in {facts.duration_s:.2f}s", status="success",
@@ -327,7 +505,7 @@ class PipelineOrchestrator:
                 log.error("could not record the last replicas of batch %s: %s", batch_id, exc)
             try:
                 await asyncio.to_thread(self.storage_manager.manifest.finish_batch, batch_id,
-                                        "failed", result.to_dict())
+                                        "failed", result.to_dict(), self._owner)
             except MulticloudError as exc:
                 log.error("could not record the failure of batch %s: %s", batch_id, exc)
         self.live.end(PipelineStatus.FAILED)
@@ -359,7 +537,32 @@ class PipelineOrchestrator:
         else:
             self.live.emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
                            reason=reason)
+            if node.status is NodeStatus.HEALTHY and old is not NodeStatus.HEALTHY:
+                self.hint_replays.start()
+
+    def _in_flight(self, chunk_id: str) -> list[str]:
+        """Nodes a copy of the chunk is being written to or was written to, not recorded."""
+        return [*self.distribution_coordinator.writing(chunk_id),
+                *self.storage_manager.unrecorded(chunk_id)]
+
+    def catalogue(self) -> Catalogue:
+        """The batch catalogue kept on the nodes (publish, recover, forget)."""
+        processing = self.config.processing
+        key = load_key(processing.encryption) if "encrypt" in processing.transforms else None
+        return Catalogue(self.node_registry, self.storage_manager.manifest,
+                         self.config.distribution, processing, key)
 
     def _restorer(self) -> BatchRestorer:
         return BatchRestorer(self.node_registry, self.storage_manager.manifest,
-                             key=load_key(self.config.processing.encryption))
+                             key=load_key(self.config.processing.encryption),
+                             replication_factor=self.config.distribution.replication_factor)
+
+
+def source_fingerprint(files: list[SourceFile]) -> str:
+    """What a batch's content is, by its listing: names, sizes, modes, times, link targets.
+
+    Equal fingerprints mean the same batch (a rerun is a no-op, a crashed run resumes);
+    like rsync and rclone, a file whose size and mtime did not change is taken as unchanged.
+    """
+    listing = [[f.rel_path, f.size, f.mtime_ns, f.mode, f.kind, f.link_target] for f in files]
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -22,9 +23,10 @@ from multicloud.cluster.local import create_local_cluster
 from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import TOKEN_ENV, resolve_token
 from multicloud.core.config import PipelineConfig, load_config
-from multicloud.core.errors import MulticloudError, UsageError
+from multicloud.core.errors import ClusterError, MulticloudError, UnknownBatch, UsageError
 from multicloud.core.types import PipelineResult
-from multicloud.core.units import format_bytes, parse_size
+from multicloud.core.units import display_path, format_bytes, parse_size
+from multicloud.pipeline.maintenance import GC_GRACE_S, MaintenanceReport
 from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.run.orchestrator import PipelineOrchestrator
 from multicloud.ui.render import node_table, print_summary, run_with_progress
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source-cloud", help="cloud the source lives in (default: from path)")
     run.add_argument("--force-cross-cloud", action="store_true",
                      help="guarantee a replica outside the source cloud")
+    run.add_argument("--replace", action="store_true",
+                     help="let --batch-id name this content even if it named other content")
+    run.add_argument("--follow-symlinks", action="store_true",
+                     help="store what symlinks point to (files, and directories walked) "
+                          "instead of the links themselves")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--no-dashboard", action="store_true",
                      help="plain progress bars instead of the live dashboard")
@@ -114,6 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--json", action="store_true")
     common(batches)
     batches.set_defaults(handler=cmd_batches)
+
+    delete = sub.add_parser("delete", help="remove a batch from the catalogue (gc frees "
+                                          "its bytes)")
+    delete.add_argument("batch_id")
+    common(delete)
+    delete.set_defaults(handler=cmd_delete)
+
+    recover = sub.add_parser("recover", help="rebuild the local catalogue from the nodes")
+    recover.add_argument("--json", action="store_true")
+    common(recover)
+    recover.set_defaults(handler=cmd_recover)
+
+    repair = sub.add_parser("repair", help="scrub replicas and bring every chunk back to "
+                                          "the replication factor")
+    repair.add_argument("batch_id", nargs="?", help="the batch to repair")
+    repair.add_argument("--all", action="store_true", help="every completed batch")
+    repair.add_argument("--json", action="store_true")
+    common(repair)
+    repair.set_defaults(handler=cmd_repair)
+
+    gc = sub.add_parser("gc", help="remove objects no batch references, and replicas "
+                                  "above the replication factor")
+    gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    gc.add_argument("--grace", type=float, default=GC_GRACE_S, metavar="SECONDS",
+                    help="while a run is live, keep objects younger than this "
+                         f"(default {GC_GRACE_S:.0f})")
+    gc.add_argument("--json", action="store_true")
+    common(gc)
+    gc.set_defaults(handler=cmd_gc)
 
     demo = sub.add_parser("demo", help="the five-minute demo: status, run, results, "
                                        "failure recovery, statistics")
@@ -210,10 +246,49 @@ async def _open(args: argparse.Namespace,
     return config, registry
 
 
-def _require_manifest(args: argparse.Namespace) -> None:
-    if not (args.data_dir / MANIFEST_FILE).exists():
+async def _open_catalogue(args: argparse.Namespace,
+                          batch_id: str | None = None) -> tuple[Cluster, PipelineOrchestrator]:
+    """The cluster and an orchestrator on its catalogue, for commands that read batches.
+
+    The local manifest is a cache: when it is missing (a fresh machine, a lost disk), or
+    does not know the batch asked for, it is rebuilt from the catalogue on the nodes.
+    """
+    cached = (args.data_dir / MANIFEST_FILE).exists()
+    embedded = not getattr(args, "cluster", None)
+    if not cached and embedded and not (args.data_dir / "cluster.json").exists():
         raise UsageError(f"no pipeline has run with data dir {args.data_dir} yet: "
                          f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
+    config, registry = await _open(args, read_only=True)
+    orchestrator = PipelineOrchestrator(registry, config=config)
+    try:
+        known = cached and (batch_id is None or await _knows(orchestrator, batch_id))
+        if not known:
+            report = await orchestrator.catalogue().recover(only=batch_id)
+            if report.batches:
+                print(f"rebuilt the catalogue from the cluster: {len(report.batches)} "
+                      f"batch(es)", file=sys.stderr)
+            elif not cached:
+                raise UsageError(f"no batch is recorded here or on the cluster's nodes "
+                                 f"(data dir {args.data_dir}): run `multicloud run --source "
+                                 f"DIR --data-dir {args.data_dir}` first")
+    except BaseException:
+        await orchestrator.close()
+        await registry.close()
+        raise
+    return registry, orchestrator
+
+
+async def _knows(orchestrator: PipelineOrchestrator, batch_id: str) -> bool:
+    try:
+        await asyncio.to_thread(orchestrator.storage_manager.manifest.batch, batch_id)
+    except UnknownBatch:
+        return False
+    return True
+
+
+async def _close(registry: Cluster, orchestrator: PipelineOrchestrator) -> None:
+    await orchestrator.close()
+    await registry.close()
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -229,6 +304,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_registry(args: argparse.Namespace) -> int:
     """multicloud registry: serve membership and failure detection until stopped."""
+    from multicloud.cluster.anti_entropy import AntiEntropy
     from multicloud.control.registry_server import RegistryServer
     from multicloud.core.runfiles import wait_for_signal, write_ready_file
 
@@ -241,9 +317,13 @@ async def cmd_registry(args: argparse.Namespace) -> int:
     ready = write_ready_file(args.data_dir, "registry", url)
     print(f"registry listening on {url} (token in {args.data_dir / 'token'}, ready file "
           f"{ready})", flush=True)
+    repairs = asyncio.create_task(AntiEntropy(url, token, config, args.data_dir).run_forever(),
+                                  name="anti-entropy")
     try:
         await wait_for_signal()
     finally:
+        repairs.cancel()
+        await asyncio.gather(repairs, return_exceptions=True)
         await server.stop()
     return EXIT_OK
 
@@ -304,8 +384,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
                                     "force_cross_cloud": args.force_cross_cloud}
     if args.batch_id:
         batch_config["batch_id"] = args.batch_id
+    if args.replace:
+        batch_config["replace"] = True
     if args.source_cloud:
         batch_config["source_cloud"] = args.source_cloud
+    batch_config["follow_symlinks"] = args.follow_symlinks
     logger = PipelineLogger(args.log_file)
     logger.attach(orchestrator)
     token = resolve_token(args.token_file, args.data_dir) if args.cluster else None
@@ -317,11 +400,17 @@ async def cmd_run(args: argparse.Namespace) -> int:
         url = await server.start()
         ready = write_ready_file(args.data_dir, "orchestrator", url)
         if args.json or not console.is_terminal:
-            result = await orchestrator.run_pipeline(batch_config)
+            work = orchestrator.run_pipeline(batch_config)
         elif args.no_dashboard or args.verbose or not should_use_dashboard(console):
-            result = await run_with_progress(orchestrator, batch_config)
+            work = run_with_progress(orchestrator, batch_config)
         else:
-            result = await run_with_dashboard(orchestrator, batch_config, console)
+            work = run_with_dashboard(orchestrator, batch_config, console)
+        stopped_by = await _until_signal(work)
+        if isinstance(stopped_by, signal.Signals):
+            print(f"interrupted ({stopped_by.name}): batch {orchestrator.current_batch} "
+                  f"marked interrupted; run the same command to resume it", file=sys.stderr)
+            return 128 + stopped_by.value
+        result = stopped_by
     finally:
         if ready is not None:
             ready.unlink(missing_ok=True)
@@ -329,6 +418,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         logger.close()
         await orchestrator.close()
         await registry.close()
+    if result.metrics.get("already_done"):
+        print(f"batch {result.batch_id} is already complete with this content: nothing to "
+              f"do (restore it with `multicloud restore {result.batch_id} --to DIR`)")
+        return EXIT_OK
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -338,6 +431,32 @@ async def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+async def _until_signal(work: Coroutine[Any, Any, PipelineResult],
+                        ) -> PipelineResult | signal.Signals:
+    """Run work; SIGINT or SIGTERM cancel it (the run then drains, records what it
+    committed and marks the batch interrupted) and are returned instead of its result."""
+    task = asyncio.ensure_future(work)
+    received: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:
+            received.append(sig)
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if received and task.cancelled():
+            return received[0]
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def cmd_profile(args: argparse.Namespace) -> int:
@@ -418,19 +537,16 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 async def cmd_restore(args: argparse.Namespace) -> int:
     """multicloud restore BATCH --to DIR."""
-    _require_manifest(args)
-    config, registry = await _open(args, read_only=True)
-    orchestrator = PipelineOrchestrator(registry, config=config)
+    registry, orchestrator = await _open_catalogue(args, args.batch_id)
     try:
         report = await orchestrator.restore_batch(args.batch_id, args.dest)
     finally:
-        await orchestrator.close()
-        await registry.close()
+        await _close(registry, orchestrator)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(f"restored {report.files_restored} files, {format_bytes(report.bytes_restored)} "
-              f"to {args.dest}; every chunk and file verified")
+              f"to {display_path(str(args.dest))}; every chunk and file verified")
         for problem in report.skipped_replicas:
             print(f"skipped {problem.problem} replica of {problem.chunk_id[:16]} on "
                   f"{problem.node_id}")
@@ -439,17 +555,17 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     """multicloud verify BATCH."""
-    _require_manifest(args)
-    config, registry = await _open(args, read_only=True)
-    orchestrator = PipelineOrchestrator(registry, config=config)
+    registry, orchestrator = await _open_catalogue(args, args.batch_id)
     try:
         report = await orchestrator.verify_batch(args.batch_id)
     finally:
-        await orchestrator.close()
-        await registry.close()
+        await _close(registry, orchestrator)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        if not report.complete:
+            print(f"batch {args.batch_id} is incomplete (status {report.status}): run the "
+                  f"same `multicloud run` command to resume it")
         print(f"batch {args.batch_id}: {report.chunks} chunks, {report.replicas_ok}/"
               f"{report.replicas_checked} replicas ok")
         for p in report.problems:
@@ -459,21 +575,121 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 
 async def cmd_batches(args: argparse.Namespace) -> int:
     """multicloud batches."""
-    _require_manifest(args)
-    config, registry = await _open(args, read_only=True)
-    orchestrator = PipelineOrchestrator(registry, config=config)
+    registry, orchestrator = await _open_catalogue(args)
     try:
         records = await asyncio.to_thread(orchestrator.storage_manager.manifest.batches)
     finally:
-        await orchestrator.close()
-        await registry.close()
+        await _close(registry, orchestrator)
     if args.json:
-        print(json.dumps([{"batch_id": b.batch_id, "status": b.status, "source": b.source,
+        print(json.dumps([{"batch_id": b.batch_id, "status": b.state, "source": b.source,
                            "created_at": b.created_at} for b in records], indent=2))
     else:
         for b in records:
-            print(f"{b.batch_id}\t{b.status}\t{b.source}")
+            print(f"{display_path(b.batch_id)}\t{b.state}\t{display_path(b.source)}")
     return EXIT_OK
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    """multicloud delete BATCH: forget a batch here and on the nodes; gc frees its bytes."""
+    registry, orchestrator = await _open_catalogue(args, args.batch_id)
+    try:
+        manifest = orchestrator.storage_manager.manifest
+        record = await asyncio.to_thread(manifest.delete_batch, args.batch_id)
+        told = await orchestrator.catalogue().forget(args.batch_id)
+    finally:
+        await _close(registry, orchestrator)
+    print(f"deleted batch {record.batch_id} ({record.status}, from {record.source}); "
+          f"{told} node(s) told; run `multicloud gc` to free its bytes")
+    return EXIT_OK
+
+
+async def cmd_recover(args: argparse.Namespace) -> int:
+    """multicloud recover: rebuild the local catalogue (manifest.db) from the nodes."""
+    config, registry = await _open(args, read_only=True)
+    orchestrator = PipelineOrchestrator(registry, config=config)
+    try:
+        report = await orchestrator.catalogue().recover()
+    finally:
+        await _close(registry, orchestrator)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"recovered {len(report.batches)} batch(es) from {report.nodes_answered} of "
+              f"{report.nodes_asked} node(s) into {args.data_dir / MANIFEST_FILE}"
+              + (f": {', '.join(report.batches)}" if report.batches else ""))
+        for batch_id, why in sorted(report.failed.items()):
+            print(f"could not recover {batch_id}: {why}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+async def cmd_repair(args: argparse.Namespace) -> int:
+    """multicloud repair [BATCH | --all]."""
+    from multicloud.pipeline.maintenance import repair_chunks
+
+    if bool(args.batch_id) == bool(args.all):
+        raise UsageError("name one batch to repair, or pass --all for every completed batch")
+    registry, orchestrator = await _open_catalogue(args, args.batch_id)
+    try:
+        ids = await orchestrator.chunk_ids_of(None if args.all else args.batch_id)
+        report = await repair_chunks(registry, orchestrator.storage_manager,
+                                     orchestrator.repairer, ids)
+        replayed = await orchestrator.repairer.replay_hints()
+        report.replicas_created += replayed.replicas_created
+    finally:
+        await _close(registry, orchestrator)
+    _print_maintenance(args, report, "repair")
+    return EXIT_FAILED if report.under_replicated else EXIT_OK
+
+
+async def cmd_gc(args: argparse.Namespace) -> int:
+    """multicloud gc [--dry-run]."""
+    from multicloud.pipeline.maintenance import collect_garbage
+
+    if args.grace < 0:
+        raise UsageError(f"--grace must be 0 or more seconds (got {args.grace:g})")
+    registry, orchestrator = await _open_catalogue(args)
+    try:
+        # Every batch the cluster knows is kept, also those run from other machines; and
+        # batches this cache has that the cluster does not (from before manifests were
+        # stored on the nodes) are published first, so no other machine's gc takes them.
+        catalogue = orchestrator.catalogue()
+        await catalogue.publish_missing()
+        recovered = await catalogue.recover()
+        if recovered.failed or recovered.nodes_answered < recovered.nodes_asked:
+            unread = ", ".join(f"{b} ({why})" for b, why in sorted(recovered.failed.items()))
+            raise ClusterError(
+                "gc needs every batch the cluster knows, and "
+                + (f"could not read {unread}" if unread else
+                   f"only {recovered.nodes_answered} of {recovered.nodes_asked} nodes listed "
+                   f"their catalog")
+                + "; nothing was deleted: bring the nodes back (or give this machine the "
+                  "encryption key) and run gc again")
+        report = await collect_garbage(registry, orchestrator.storage_manager.manifest,
+                                       orchestrator.config.distribution, dry_run=args.dry_run,
+                                       grace_s=args.grace,
+                                       # Runs on other machines hold no lease here: in
+                                       # cluster mode the grace period always applies.
+                                       assume_live_run=bool(args.cluster))
+    finally:
+        await _close(registry, orchestrator)
+    _print_maintenance(args, report, "gc")
+    return EXIT_OK
+
+
+def _print_maintenance(args: argparse.Namespace, report: MaintenanceReport, what: str) -> None:
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    if what == "gc":
+        verb = "would free" if report.dry_run else "freed"
+        print(f"gc {verb} {report.objects_freed} unreferenced object(s) and "
+              f"{report.replicas_trimmed} replica(s) above the replication factor: "
+              f"{format_bytes(report.bytes_freed)}")
+        return
+    print(f"repair: {report.chunks} chunks, {report.replicas_checked} replicas checked; "
+          f"{report.missing} missing and {report.corrupt} corrupt dropped, "
+          f"{report.replicas_created} replica(s) created; {report.under_replicated} chunk(s) "
+          f"under-replicated, {report.lost} lost; {report.unavailable} on unreachable nodes")
 
 
 async def cmd_cluster_up(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.segment import Segment
 from rich.style import Style
 
-from multicloud.core.units import format_bytes
+from multicloud.core.units import display_path, format_bytes
 
 if TYPE_CHECKING:
     from multicloud.core.types import PipelineResult
@@ -247,6 +247,10 @@ class _Line:
     def add(self, text: str, style: str = "", width: int | None = None,
             right: bool = False) -> _Line:
         """Append text, cut or padded to width cells when given."""
+        # Every piece, once, here: file names reach the frame inside event details (and a
+        # batch id comes from argv); undecodable bytes would make the console raise
+        # UnicodeEncodeError, and control characters would break the frame.
+        text = display_path(text)
         if width is not None:
             text = _fit(text, width, right)
         self.pieces.append((text, style))
@@ -407,7 +411,9 @@ def _event_lines(events: list[dict[str, Any]], width: int) -> list[_Line]:
     for event, kind in zip(events, kinds, strict=True):
         level = str(event.get("level", "info"))
         style = _LEVEL_STYLE.get(level, "")
-        detail = str(event.get("detail", ""))
+        # Escaped before wrapping, so the wrapped parts are as wide as what is drawn; line
+        # breaks (a multi-line error) read as spaces rather than as escapes.
+        detail = display_path(" ".join(str(event.get("detail", "")).splitlines()))
         # One line per event keeps the frame steady (the full text is in the logs), except
         # for an error, which is what the operator most needs to read.
         parts = [detail]

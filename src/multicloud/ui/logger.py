@@ -11,6 +11,10 @@ gets a trailing underscore, e.g. `event_`). The event catalogue and each event's
 are in `multicloud.pipeline.events` (and `LOG_EVENTS` below); `stage_complete` carries
 the stage's `PipelineMetrics` summary.
 
+A file name that is not UTF-8 is written escaped (b"bad\\xff" as "bad\\\\xff", see
+`multicloud.core.units.display_path`), so every line is valid UTF-8 JSON that any tool
+reads; the manifest keeps the exact bytes.
+
 An example line::
 
     {"ts":"2025-01-01T12:00:00.123456Z","level":"warning","event":"node_unhealthy",
@@ -32,6 +36,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from multicloud.core.errors import storage_error
+from multicloud.core.units import display_path, is_utf8
 from multicloud.pipeline.events import PipelineEvent
 
 if TYPE_CHECKING:
@@ -46,14 +51,18 @@ COMMON_FIELDS = ("ts", "level", "event", "batch_id", "detail")
 
 # Event kind -> the fields its lines carry besides COMMON_FIELDS (the documented catalogue).
 LOG_EVENTS: dict[str, tuple[str, ...]] = {
-    "pipeline_started": ("source", "source_cloud", "files", "total_bytes"),
+    "pipeline_started": ("source", "source_cloud", "files", "total_bytes", "resumed_chunks"),
+    "files_skipped": ("skipped",),
     "stage_complete": ("stage", "metrics"),
+    "records_invalid": ("file", "line", "reason", "line_in_file", "index", "chunk_id"),
     "chunk_failed": ("file", "index", "chunk_id", "stage", "error"),
     "node_unhealthy": ("node_id", "cloud", "region", "reason"),
     "node_recovered": ("node_id", "reason"),
     "replica_replaced": ("chunk_id", "failed_node", "replacement", "reason"),
+    "under_replicated": ("count", "chunk_ids", "replication_factor"),
     "repair_done": ("replicas_created", "under_replicated", "lost"),
     "pipeline_finished": ("status", "duration_seconds", "chunks", "bytes", "error"),
+    "pipeline_interrupted": ("status",),
 }
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -63,9 +72,36 @@ _RESERVED = frozenset(COMMON_FIELDS)
 def _serialize(event_dict: Any, **_: Any) -> bytes:
     """orjson, with str() for anything it cannot encode, so a log line is never lost."""
     try:
-        return orjson.dumps(event_dict, default=str, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(event_dict, default=_text, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError:  # e.g. an int beyond 64 bits
-        return json.dumps(event_dict, default=str, separators=(",", ":")).encode()
+        return json.dumps(event_dict, default=_text, separators=(",", ":")).encode()
+
+
+def _text(value: Any) -> str:
+    """str(value), escaped when it is not UTF-8 (a Path of a non-UTF-8 name, say)."""
+    text = str(value)
+    return text if is_utf8(text) else display_path(text)
+
+
+def _utf8(value: Any) -> Any:
+    """value with every str that is not UTF-8 (a surrogate-escaped name) escaped for show.
+
+    orjson refuses such a str, and json would write lone \\udcXX escapes that strict
+    parsers reject; other strings are left exactly as they are.
+    """
+    if isinstance(value, str):
+        return value if is_utf8(value) else display_path(value)
+    if isinstance(value, dict):
+        return {_utf8(k): _utf8(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_utf8(v) for v in value]
+    return value
+
+
+def _escape_names(logger: WrappedLogger, method_name: str,
+                  event_dict: EventDict) -> EventDict:
+    """The structlog processor for `_utf8`."""
+    return {_utf8(key): _utf8(value) for key, value in event_dict.items()}
 
 
 def _order(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -97,6 +133,7 @@ class PipelineLogger:
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
                 _order,
+                _escape_names,
                 structlog.processors.JSONRenderer(serializer=_serialize),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
