@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_outcome import Outcome
+from cli_harness import Cli, Outcome
 
 from multicloud.ui.cli import main
 
@@ -25,44 +25,6 @@ CHUNK = 64 * 1024  # chunk_size_mb 0.0625, as the config dir below sets
 DATASET_BYTES = 2 * 1024 * 1024
 METRIC_KEYS = {"ingestion", "processing", "distribution", "storage", "node_failures_handled",
                "duration_seconds", "throughput_mb_s"}
-
-
-class Cli:
-    """Runs `multicloud` in-process against one config dir and one data dir."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], root: Path) -> None:
-        self.capsys = capsys
-        self.root = root
-        self.config_dir = root / "cfg"
-        self.data_dir = root / "dd"
-        self.config_dir.mkdir()
-        self.write_config("ingestion", "chunk_size_mb: 0.0625\n")
-
-    def __call__(self, *args: str | Path) -> Outcome:
-        self.capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = self.capsys.readouterr()
-        return Outcome(code, out, err)
-
-    def on_cluster(self, *args: str | Path) -> Outcome:
-        """A command that takes --config-dir and --data-dir, with this workspace's."""
-        return self(*args, "--config-dir", self.config_dir, "--data-dir", self.data_dir)
-
-    def run(self, source: str | Path, *args: str | Path) -> Outcome:
-        """multicloud run --source SOURCE ..."""
-        return self.on_cluster("run", "--source", source, *args)
-
-    def batch_ids(self) -> list[str]:
-        """The batch ids `multicloud batches --json` lists (none before any manifest)."""
-        if not (self.data_dir / "manifest.db").exists():
-            return []
-        listed = self.on_cluster("batches", "--json")
-        assert listed.code == 0, listed.err
-        return [b["batch_id"] for b in listed.json()]
-
-    def write_config(self, section: str, text: str) -> None:
-        """Write <config dir>/<section>_config.yml."""
-        (self.config_dir / f"{section}_config.yml").write_text(text)
 
 
 def tree(root: Path) -> dict[str, bytes]:

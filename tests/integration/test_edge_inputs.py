@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_outcome import Outcome
-
-from multicloud.ui.cli import main
+from cli_harness import Cli, Outcome
 
 BAD_NAME = b"bad\xff\xfe.bin"  # not UTF-8: stored and restored as these bytes
 BAD_DATA = random.Random(8).randbytes(150 * 1024)  # three 64 KiB chunks
@@ -23,29 +21,17 @@ MTIME_2010 = 1_262_304_000_000_000_000
 SCRIPT = b"#!/bin/sh\necho hello\n"
 
 
-class Cli:
-    """`multicloud` in-process, with one config dir (64 KiB chunks) and one data dir."""
+class EdgeCli(Cli):
+    """The CLI with a JSON event log of its own, for runs that must succeed."""
 
     def __init__(self, capsys: pytest.CaptureFixture[str], root: Path) -> None:
-        self.capsys = capsys
-        self.root = root
-        self.config_dir = root / "cfg"
-        self.data_dir = root / "dd"
+        super().__init__(capsys, root)
         self.log_file = root / "run.log"
-        self.config_dir.mkdir()
-        (self.config_dir / "ingestion_config.yml").write_text("chunk_size_mb: 0.0625\n")
 
-    def __call__(self, *args: str | Path) -> Outcome:
-        self.capsys.readouterr()
-        code = main([str(a) for a in (*args, "--config-dir", self.config_dir,
-                                      "--data-dir", self.data_dir)])
-        out, err = self.capsys.readouterr()
-        return Outcome(code, out, err)
-
-    def run(self, source: Path, batch_id: str, *args: str) -> dict[str, Any]:
+    def run_ok(self, source: Path, batch_id: str, *args: str) -> dict[str, Any]:
         """`multicloud run --json`; the result, after checking it succeeded."""
-        outcome = self("run", "--source", source, "--batch-id", batch_id, "--json",
-                       "--log-file", self.log_file, *args)
+        outcome = self.run(source, "--batch-id", batch_id, "--json", "--log-file",
+                           self.log_file, *args)
         assert outcome.code == 0, outcome.err
         assert "Traceback" not in outcome.err
         result: dict[str, Any] = outcome.json()
@@ -54,7 +40,7 @@ class Cli:
 
     def restore(self, batch_id: str, dest: Path) -> Outcome:
         """`multicloud restore --json`."""
-        return self("restore", batch_id, "--to", dest, "--json")
+        return self.on_cluster("restore", batch_id, "--to", dest, "--json")
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The JSON event log, every line parsed (strict UTF-8)."""
@@ -63,10 +49,10 @@ class Cli:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> Cli:
+        monkeypatch: pytest.MonkeyPatch) -> EdgeCli:
     """The CLI, run from tmp_path (the default --config-dir is relative)."""
     monkeypatch.chdir(tmp_path)
-    return Cli(capsys, tmp_path)
+    return EdgeCli(capsys, tmp_path)
 
 
 def write(path: Path | bytes, data: bytes, mode: int, mtime_ns: int) -> None:
@@ -106,8 +92,8 @@ def bytes_listing(root: Path) -> dict[bytes, os.stat_result]:
     return out
 
 
-def test_names_links_fifos_modes_and_mtimes_round_trip(cli: Cli, source: Path) -> None:
-    result = cli.run(source, "edge")
+def test_names_links_fifos_modes_and_mtimes_round_trip(cli: EdgeCli, source: Path) -> None:
+    result = cli.run_ok(source, "edge")
 
     assert result["files"] == 6  # four regular files and two links; not the FIFO
     assert result["bytes_processed"] == len(BAD_DATA) + len(SCRIPT) + 11 + 5000
@@ -151,8 +137,8 @@ def test_names_links_fifos_modes_and_mtimes_round_trip(cli: Cli, source: Path) -
     assert sorted(bytes_listing(dest)) == sorted(got)
 
 
-def test_follow_symlinks_stores_what_links_point_to(cli: Cli, source: Path) -> None:
-    result = cli.run(source, "followed", "--follow-symlinks")
+def test_follow_symlinks_stores_what_links_point_to(cli: EdgeCli, source: Path) -> None:
+    result = cli.run_ok(source, "followed", "--follow-symlinks")
 
     assert result["files"] == 5  # the link to the script is the script; dangling is out
     skipped = result["metrics"]["ingestion"]["skipped_entries"]
@@ -171,7 +157,7 @@ def test_follow_symlinks_stores_what_links_point_to(cli: Cli, source: Path) -> N
     assert not os.path.lexists(dest / "sub" / "dangling")
 
 
-def test_restore_never_writes_through_a_restored_link(cli: Cli, tmp_path: Path) -> None:
+def test_restore_never_writes_through_a_restored_link(cli: EdgeCli, tmp_path: Path) -> None:
     # Batch one holds a link "d" to a directory; batch two a regular file "d/x". Restored
     # one after the other into one place, the second must not land in the link's target.
     first = tmp_path / "one"
@@ -182,8 +168,8 @@ def test_restore_never_writes_through_a_restored_link(cli: Cli, tmp_path: Path) 
     (second / "d").mkdir(parents=True)
     (second / "d" / "x").write_bytes(b"x")
     (second / "ok.txt").write_bytes(b"ok")
-    cli.run(first, "links")
-    cli.run(second, "files")
+    cli.run_ok(first, "links")
+    cli.run_ok(second, "files")
     dest = tmp_path / "restored"
 
     assert cli.restore("links", dest).code == 0

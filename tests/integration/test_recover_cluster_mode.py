@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_outcome import Outcome
+from cli_harness import Outcome
 from cluster_fixtures import assert_same_tree, pid_gone, wait_until, write_config_dir
 
 from multicloud.datagen import generate_dataset

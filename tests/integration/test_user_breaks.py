@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_outcome import Outcome
+from cli_harness import Outcome
 from cluster_fixtures import assert_same_tree, wait_until
 
 from multicloud.core.units import parse_size

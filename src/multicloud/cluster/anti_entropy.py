@@ -103,7 +103,7 @@ class AntiEntropy:
                 began = time.monotonic()
                 report = await repair_chunks(cluster, orchestrator.storage_manager,
                                              orchestrator.repairer, step)
-                _add(total, report)
+                total.add(report)
                 await asyncio.sleep(max(0.0, len(step) / rate - (time.monotonic() - began)))
         finally:
             await orchestrator.close()
@@ -115,9 +115,3 @@ class AntiEntropy:
                  total.replicas_created, total.missing, total.corrupt, total.under_replicated)
         return total
 
-
-def _add(total: MaintenanceReport, step: MaintenanceReport) -> None:
-    for name in ("chunks", "replicas_checked", "missing", "corrupt", "unavailable",
-                 "replicas_created", "under_replicated", "lost"):
-        setattr(total, name, getattr(total, name) + getattr(step, name))
-    total.details.extend(step.details)

@@ -25,6 +25,7 @@ from multicloud.control.membership import fetch_nodes
 from multicloud.core.auth import generate_token
 from multicloud.core.config import PipelineConfig
 from multicloud.core.errors import ClusterError
+from multicloud.core.host import process_alive
 from multicloud.core.runfiles import ready_file
 
 STATE_FILE = "cluster.json"
@@ -63,13 +64,7 @@ def alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass  # not our child: fall back to signal 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)
 
 
 async def cluster_up(data_dir: str | Path, config_dir: str | Path, config: PipelineConfig,
@@ -98,16 +93,14 @@ async def cluster_up(data_dir: str | Path, config_dir: str | Path, config: Pipel
         started[0] = ManagedProcess(registry.name, registry.pid, registry.log, url)
         specs = config.cluster.node_specs()
         for i, spec in enumerate(specs):
-            port = base + i if base else 0
-            started.append(_spawn(data, config_dir, spec.id, [
-                "node", "--id", spec.id, "--cloud", spec.cloud, "--region", spec.region,
-                "--port", str(port), "--registry", url]))
+            started.append(start_node(data, config_dir, spec.id, spec.cloud, spec.region, url,
+                                      port=base + i if base else 0))
         nodes = [await _wait_ready(data, p, deadline) for p in started[1:]]
         started[1:] = [ManagedProcess(p.name, p.pid, p.log, u)
                        for p, u in zip(started[1:], nodes, strict=True)]
         await _wait_healthy(url, token, {s.id for s in specs}, deadline)
     except BaseException:
-        _terminate(started, grace_s=5.0)
+        stop_processes(started, grace_s=5.0)
         raise
     state = {"registry": url, "data_dir": str(data),
              "processes": [asdict(p) for p in started]}
@@ -125,9 +118,19 @@ def cluster_down(data_dir: str | Path, grace_s: float = 20.0) -> list[str]:
                            f"(no {state_path(data_dir)})")
     processes = [ManagedProcess(**p) for p in state["processes"]]
     # Nodes first, so they can still reach the registry while they drain.
-    _terminate(processes[1:] + processes[:1], grace_s)
+    stop_processes(processes[1:] + processes[:1], grace_s)
     state_path(data_dir).unlink(missing_ok=True)
     return [p.name for p in processes]
+
+
+def start_node(data_dir: str | Path, config_dir: str | Path, node_id: str, cloud: str,
+               region: str, registry_url: str, *, port: int = 0) -> ManagedProcess:
+    """Start one `multicloud node` process in the background, logging to
+    `<data_dir>/run/<node_id>.log` (how `cluster up` starts each node, and how a node it
+    started is started again with its data)."""
+    return _spawn(Path(data_dir), config_dir, node_id, [
+        "node", "--id", node_id, "--cloud", cloud, "--region", region, "--port", str(port),
+        "--registry", registry_url])
 
 
 def _spawn(data: Path, config_dir: str | Path, name: str, args: list[str]) -> ManagedProcess:
@@ -170,7 +173,8 @@ async def _wait_healthy(url: str, token: str, ids: set[str], deadline: float) ->
                        f"{', '.join(sorted(ids))})")
 
 
-def _terminate(processes: list[ManagedProcess], grace_s: float) -> None:
+def stop_processes(processes: list[ManagedProcess], grace_s: float) -> None:
+    """SIGTERM the processes (they drain), wait up to grace_s, SIGKILL what is left."""
     for process in processes:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGTERM)

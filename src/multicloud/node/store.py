@@ -23,7 +23,6 @@ methods are blocking: nodes call them from worker threads.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from multicloud.core.errors import ChunkNotFound, InvalidChunkId, storage_error
+from multicloud.core.host import boot_marker, process_alive
 
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
 # A temp file of a write in progress: <id[:16]>.<pid>.<boot>.<mkstemp's random part>.
@@ -58,35 +58,6 @@ FsyncObserver = Callable[[float], None]
 TempWriter = Literal["alive", "gone", "this process"]
 
 
-@functools.cache
-def _boot_marker() -> str:
-    """What tells this boot of this host from others in temp file names ("0" if unknown).
-
-    A pid alone names a process only until the machine restarts and hands it out again.
-    """
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text()
-    except OSError:
-        return "0"
-    marker = boot_id.strip().lower()[:8]
-    return marker if re.fullmatch(r"[0-9a-f]{8}", marker) else "0"
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (POSIX, like the directory fsync)."""
-    if pid <= 0:
-        return False  # 0 and negative ids would signal process groups, not a process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, as another user
-    except OverflowError:
-        return False  # larger than any pid the kernel can hand out
-    return True
-
-
 def _temp_writer(path: Path) -> TempWriter:
     """Whose temp file this is, as far as clearing it goes (rules: the module docstring)."""
     name = path.name
@@ -99,17 +70,17 @@ def _temp_writer(path: Path) -> TempWriter:
         except FileNotFoundError:
             return "alive"  # renamed or removed since the listing: nothing to clear
         return "gone" if age > _UNKNOWN_TEMP_MAX_AGE_S else "alive"
-    if match["boot"] != _boot_marker():
+    if match["boot"] != boot_marker():
         return "gone"  # written before this host last booted: that process is gone
     pid = int(match["pid"])
     if pid == os.getpid():
         return "this process"
-    return "alive" if _process_alive(pid) else "gone"
+    return "alive" if process_alive(pid) else "gone"
 
 
 def temp_prefix(chunk_id: str, pid: int | None = None) -> str:
     """The start of a temp file's name for a write of chunk_id by process pid (this one)."""
-    return f"{chunk_id[:16]}.{os.getpid() if pid is None else pid}.{_boot_marker()}."
+    return f"{chunk_id[:16]}.{os.getpid() if pid is None else pid}.{boot_marker()}."
 
 
 def check_chunk_id(chunk_id: str) -> str:

@@ -34,7 +34,7 @@ from multicloud.core.errors import (
 from multicloud.core.network import Location
 from multicloud.core.types import BlobInfo, Chunk
 from multicloud.pipeline.manifest import Manifest
-from multicloud.pipeline.placement import NetworkAwarePlacement
+from multicloud.pipeline.placement import NetworkAwarePlacement, spread_short
 from multicloud.pipeline.storage import ANY_NODE
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,10 @@ class Catalogue:
 
     def _short(self, holders: list[str]) -> bool:
         """Below the replication factor, or the cloud spread while a cloud is away."""
-        clouds = {self.cluster.get(h).cloud for h in holders}
-        wanted = min(self.distribution.min_clouds, len(self.cluster.clouds(healthy_only=False)))
-        return len(holders) < self.distribution.replication_factor or len(clouds) < wanted
+        return (len(holders) < self.distribution.replication_factor
+                or spread_short({self.cluster.get(h).cloud for h in holders},
+                                set(self.cluster.clouds(healthy_only=False)),
+                                self.distribution))
 
     async def _announce(self, entry: dict[str, Any]) -> int:
         nodes = self.cluster.healthy_nodes()
@@ -249,6 +250,27 @@ class Catalogue:
                 log.error("batch %s could not be recovered: %s", batch_id, exc)
                 continue
             report.batches.insert(0, batch_id)
+        return report
+
+    async def recover_everything(self) -> RecoverReport:
+        """Publish what only this cache knows, then recover every batch the cluster knows;
+        ClusterError when any could not be read or a node did not list its catalog.
+
+        What gc needs before it deletes: an object is unreferenced only if no batch
+        anywhere refers to it, and batches from before manifests were stored on the nodes
+        must be on them before another machine's gc looks.
+        """
+        await self.publish_missing()
+        report = await self.recover()
+        if report.failed or report.nodes_answered < report.nodes_asked:
+            unread = ", ".join(f"{b} ({why})" for b, why in sorted(report.failed.items()))
+            raise ClusterError(
+                "gc needs every batch the cluster knows, and "
+                + (f"could not read {unread}" if unread else
+                   f"only {report.nodes_answered} of {report.nodes_asked} nodes listed "
+                   f"their catalog")
+                + "; nothing was deleted: bring the nodes back (or give this machine the "
+                  "encryption key) and run gc again")
         return report
 
     async def _recover_one(self, entry: dict[str, Any],

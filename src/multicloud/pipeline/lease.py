@@ -1,6 +1,7 @@
 """Who runs a batch: the lease a run holds in the manifest, and whether its holder lives.
 
-A run writes its owner (`host:pid:boot`) and renews a heartbeat while it works. Another
+A run writes its owner (`host:pid:boot:run`, the run part telling two orchestrators of one
+process apart) and renews a heartbeat while it works. Another
 process may take the batch over only when the holder is gone: on the same host (and boot)
 that is a dead pid, which is exact; from another host it is a heartbeat older than
 `LEASE_TTL_S`, since a pid there cannot be checked.
@@ -8,10 +9,11 @@ that is a dead pid, which is exact; from another host it is a heartbeat older th
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
+
+from multicloud.core.host import boot_marker, process_alive
 
 __all__ = ["LEASE_RENEW_S", "LEASE_TTL_S", "describe_owner", "owner_alive", "this_owner"]
 
@@ -19,20 +21,10 @@ LEASE_RENEW_S = 5.0  # how often a run renews its heartbeat
 LEASE_TTL_S = 60.0  # a heartbeat this old means the holder on another host is gone
 
 
-@functools.cache
-def _boot_id() -> str:
-    """Changes on every boot, so a pid from before a reboot is not mistaken for a live one."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip()[:8] or "0"
-    except OSError:
-        return "0"
-
-
 def this_owner(run: str = "") -> str:
     """The owner string of this process ("host:pid:boot"), with ":run" when given: two
     orchestrators in one process are two owners."""
-    owner = f"{socket.gethostname()}:{os.getpid()}:{_boot_id()}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{boot_marker()}"
     return f"{owner}:{run}" if run else owner
 
 
@@ -50,19 +42,11 @@ def owner_alive(owner: str, heartbeat_at: float | None, now: float | None = None
     host, _, rest = owner.partition(":")
     pid_text, _, rest = rest.partition(":")
     boot = rest.partition(":")[0]
-    if host == socket.gethostname() and boot == _boot_id():
+    if host == socket.gethostname() and boot == boot_marker():
         try:
             pid = int(pid_text)
         except ValueError:
             return False
-        if pid == os.getpid():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # someone else's process, alive
-        return True
+        return pid == os.getpid() or process_alive(pid)
     now = time.time() if now is None else now
     return heartbeat_at is not None and now - heartbeat_at < LEASE_TTL_S

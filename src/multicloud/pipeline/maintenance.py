@@ -16,6 +16,7 @@ object's age *on the node*, so a run that writes an object again while gc works 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -57,7 +58,14 @@ class MaintenanceReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return dataclasses.asdict(self)
+
+    def add(self, other: MaintenanceReport) -> None:
+        """Count another repair pass's findings in this one (a pass done in steps)."""
+        for name in ("chunks", "replicas_checked", "missing", "corrupt", "unavailable",
+                     "replicas_created", "under_replicated", "lost"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.details.extend(other.details)
 
 
 async def repair_chunks(cluster: Cluster, storage: StorageManager, repairer: Repairer,
@@ -141,6 +149,7 @@ async def collect_garbage(cluster: Cluster, manifest: Manifest, config: Distribu
     over = sorted(c for c, copies in held.items()
                   if c in referenced and len(copies) > config.replication_factor)
     recorded = await asyncio.to_thread(manifest.replicas, over)
+    kept: list[tuple[str, str]] = []
     for chunk_id, copies in sorted(held.items()):
         if chunk_id not in referenced:
             deletions += [(node, chunk_id, size, "orphan") for node, size, mtime in copies
@@ -150,10 +159,13 @@ async def collect_garbage(cluster: Cluster, manifest: Manifest, config: Distribu
             continue  # at or under the replication factor
         keep, extra = await _trim(cluster, chunk_id, [n for n, _, _ in copies],
                                   set(recorded[chunk_id]), config, placement)
-        if not dry_run:
-            await asyncio.to_thread(manifest.add_replicas, [(chunk_id, n.id) for n in keep])
+        kept += [(chunk_id, n.id) for n in keep]
         sizes = {n.id: size for n, size, _ in copies}
         deletions += [(node, chunk_id, sizes[node.id], "extra") for node in extra]
+    if not dry_run:
+        # The copies kept are replicas (an unrecorded one only once it scrubbed clean),
+        # recorded before any other copy of their chunk goes.
+        await asyncio.to_thread(manifest.add_replicas, kept)
     gone: list[str] = []
     trimmed: list[tuple[str, str]] = []
     for node, chunk_id, size, why in deletions:

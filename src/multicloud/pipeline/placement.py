@@ -154,6 +154,17 @@ class NetworkAwarePlacement:
         return rest[0] if rest else None
 
 
+def spread_short(held: set[str], known: set[str], config: DistributionConfig) -> bool:
+    """Whether replicas in the clouds held fall short of the cloud spread, while a cloud
+    the cluster has nodes in (known) could make it up once it is back or has room.
+
+    With no other cloud known, min_clouds cannot be met by any node coming back: not short,
+    or a hint for it would never be replayed away.
+    """
+    want = min(config.min_clouds, config.replication_factor)
+    return len(held) < want and bool(known - held)
+
+
 def has_room(node: WorkerNode, size_bytes: int) -> bool:
     """Room for a chunk: not a disk that said it is full, and capacity left."""
     return not node.full and node.used_bytes + size_bytes <= node.capacity_bytes

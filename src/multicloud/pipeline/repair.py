@@ -36,7 +36,12 @@ from multicloud.core.errors import (
 from multicloud.core.types import BlobInfo
 from multicloud.pipeline.manifest import Manifest
 from multicloud.pipeline.metrics import PipelineMetrics
-from multicloud.pipeline.placement import NetworkAwarePlacement, has_room, rank_nodes
+from multicloud.pipeline.placement import (
+    NetworkAwarePlacement,
+    has_room,
+    rank_nodes,
+    spread_short,
+)
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.storage import ANY_NODE, StorageManager
 
@@ -130,7 +135,7 @@ class Repairer:
             def hold(chunk_id: str, node_id: str) -> None:
                 # Recorded after the pass; until then a concurrent repair counts it.
                 created.append((chunk_id, node_id))
-                self._unrecorded.setdefault(chunk_id, set()).add(node_id)
+                _hold(self._unrecorded, chunk_id, node_id)
 
             try:
                 report, outcomes = await self._pass(sorted(hinted), hold)
@@ -140,10 +145,7 @@ class Repairer:
                     await asyncio.to_thread(manifest.add_replicas, created)
                 finally:
                     for chunk_id, node_id in created:
-                        held = self._unrecorded.get(chunk_id, set())
-                        held.discard(node_id)
-                        if not held:
-                            self._unrecorded.pop(chunk_id, None)
+                        _let_go(self._unrecorded, chunk_id, node_id)
             rf = self.config.replication_factor
             done = [(chunk_id, node_id) for chunk_id, nodes in sorted(hinted.items())
                     if outcomes[chunk_id].settled(rf) for node_id in nodes]
@@ -235,8 +237,7 @@ class Repairer:
         nodes = self.registry.nodes
         while sources:
             src, dst = nodes[sources[0]], nodes[target]
-            writing = self._writing.setdefault(chunk_id, set())
-            writing.add(target)
+            _hold(self._writing, chunk_id, target)
             try:
                 await self.writer.write(src, dst, blob)
             except ReplicaRefused as exc:
@@ -254,9 +255,7 @@ class Repairer:
                 sources.pop(0)
                 continue
             finally:
-                writing.discard(target)
-                if not writing:
-                    self._writing.pop(chunk_id, None)
+                _let_go(self._writing, chunk_id, target)
             record(chunk_id, target)
             report.replicas_created += 1
             healthy.append(target)
@@ -269,12 +268,8 @@ class Repairer:
 
     def _outcome(self, healthy: list[str], busy: set[str], down: list[str]) -> _Outcome:
         """Where a chunk with these holders stands."""
-        clouds = self._clouds(healthy, busy)
-        want = min(self.config.min_clouds, self.config.replication_factor)
-        # Only a cloud the cluster has nodes in counts: with none elsewhere, min_clouds
-        # cannot be met by any node coming back, and a hint would never be replayed away.
-        known = {n.cloud for n in self.registry.nodes.values()}
-        short = len(clouds) < want and bool(known - clouds)
+        short = spread_short(self._clouds(healthy, busy),
+                             set(self.registry.clouds(healthy_only=False)), self.config)
         return _Outcome(len(healthy) + len(busy), list(down), len(busy), spread_short=short)
 
     def _spread_targets(self, chunk_id: str, healthy: list[str], busy: set[str],
@@ -324,6 +319,20 @@ class Repairer:
                  if not outcome.whole(rf) for node_id in (outcome.down or [ANY_NODE])]
         if pairs:
             await asyncio.to_thread(self._manifest().add_hints, pairs)
+
+
+def _hold(table: dict[str, set[str]], chunk_id: str, node_id: str) -> None:
+    """Count node_id as a holder of chunk_id in table (writes or copies not recorded)."""
+    table.setdefault(chunk_id, set()).add(node_id)
+
+
+def _let_go(table: dict[str, set[str]], chunk_id: str, node_id: str) -> None:
+    """Undo `_hold`; a chunk with no node left leaves the table."""
+    nodes = table.get(chunk_id)
+    if nodes is not None:
+        nodes.discard(node_id)
+        if not nodes:
+            del table[chunk_id]
 
 
 class HintReplays:

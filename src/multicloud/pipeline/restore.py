@@ -108,12 +108,8 @@ class BatchRestorer:
         try:
             target = _safe_join(dest, entry.path)
             fd, tmp = await asyncio.to_thread(_open_temp, dest, entry.path, target)
-        except RestoreError as exc:
-            _failed(report, failures, entry.path, str(exc))
-            return
-        except OSError as exc:  # a read-only or full destination, a name too long
-            _failed(report, failures, entry.path,
-                    f"{display_path(entry.path)}: {exc.strerror or exc}")
+        except (RestoreError, OSError) as exc:  # OSError: a read-only or full destination
+            _failed(report, failures, entry.path, _why(entry.path, exc))
             return
         try:
             ids = []
@@ -128,13 +124,8 @@ class BatchRestorer:
                 raise RestoreError(f"{display_path(entry.path)}: its chunks do not match the "
                                    f"manifest's digest")
             await asyncio.to_thread(_commit_file, fd, tmp, target, entry)
-        except RestoreError as exc:
-            _failed(report, failures, entry.path, str(exc))
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            return
-        except OSError as exc:  # e.g. a directory where the file goes, a full disk
-            _failed(report, failures, entry.path,
-                    f"{display_path(entry.path)}: {exc.strerror or exc}")
+        except (RestoreError, OSError) as exc:  # OSError: a directory in the way, a full disk
+            _failed(report, failures, entry.path, _why(entry.path, exc))
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
             return
         except BaseException:
@@ -262,6 +253,13 @@ def _commit_file(fd: int, tmp: Path, target: Path, entry: FileEntry) -> None:
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
     os.fsync(fd)
     os.replace(tmp, target)
+
+
+def _why(path: str, exc: RestoreError | OSError) -> str:
+    """What went wrong with a file, in one line (a RestoreError names the file itself)."""
+    if isinstance(exc, RestoreError):
+        return str(exc)
+    return f"{display_path(path)}: {exc.strerror or exc}"
 
 
 def _failed(report: RestoreReport, failures: dict[str, str], path: str, why: str) -> None:

@@ -23,7 +23,7 @@ from multicloud.cluster.local import create_local_cluster
 from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import TOKEN_ENV, resolve_token
 from multicloud.core.config import PipelineConfig, load_config
-from multicloud.core.errors import ClusterError, MulticloudError, UnknownBatch, UsageError
+from multicloud.core.errors import MulticloudError, UnknownBatch, UsageError
 from multicloud.core.types import PipelineResult
 from multicloud.core.units import display_path, format_bytes, parse_size
 from multicloud.pipeline.maintenance import GC_GRACE_S, MaintenanceReport
@@ -649,21 +649,8 @@ async def cmd_gc(args: argparse.Namespace) -> int:
         raise UsageError(f"--grace must be 0 or more seconds (got {args.grace:g})")
     registry, orchestrator = await _open_catalogue(args)
     try:
-        # Every batch the cluster knows is kept, also those run from other machines; and
-        # batches this cache has that the cluster does not (from before manifests were
-        # stored on the nodes) are published first, so no other machine's gc takes them.
-        catalogue = orchestrator.catalogue()
-        await catalogue.publish_missing()
-        recovered = await catalogue.recover()
-        if recovered.failed or recovered.nodes_answered < recovered.nodes_asked:
-            unread = ", ".join(f"{b} ({why})" for b, why in sorted(recovered.failed.items()))
-            raise ClusterError(
-                "gc needs every batch the cluster knows, and "
-                + (f"could not read {unread}" if unread else
-                   f"only {recovered.nodes_answered} of {recovered.nodes_asked} nodes listed "
-                   f"their catalog")
-                + "; nothing was deleted: bring the nodes back (or give this machine the "
-                  "encryption key) and run gc again")
+        # Every batch the cluster knows is kept, also those run from other machines.
+        await orchestrator.catalogue().recover_everything()
         report = await collect_garbage(registry, orchestrator.storage_manager.manifest,
                                        orchestrator.config.distribution, dry_run=args.dry_run,
                                        grace_s=args.grace,

@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,13 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from multicloud.cluster.launcher import cluster_down, cluster_up
+from multicloud.cluster.launcher import (
+    ManagedProcess,
+    cluster_down,
+    cluster_up,
+    start_node,
+    stop_processes,
+)
 from multicloud.cluster.local import create_local_cluster
 from multicloud.cluster.remote import connect_cluster
 from multicloud.comm.cluster import Cluster
@@ -73,7 +77,7 @@ class _Nodes:
     # Where to restart a killed node: the registry URL and data dir of a cluster the demo
     # started itself; None for the embedded cluster or one the user started.
     restart_at: tuple[str, Path] | None = None
-    restarted: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    restarted: list[ManagedProcess] = field(default_factory=list)
 
 
 async def run_demo(options: DemoOptions, console: Console | None = None) -> bool:
@@ -116,7 +120,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
     finally:
         await registry.close()
         if options.cluster_mode:
-            await asyncio.to_thread(_stop, nodes.restarted)
+            await asyncio.to_thread(stop_processes, nodes.restarted, STOP_GRACE_S)
             await asyncio.to_thread(cluster_down, data_dir)
 
 
@@ -231,7 +235,8 @@ async def _rejoin(out: Console, orchestrator: PipelineOrchestrator, registry: Cl
         back = True
     elif nodes.restart_at is not None:  # a node process the demo started: start it again
         url, data_dir = nodes.restart_at
-        process = _start_node(victim, url, data_dir, options.config_dir)
+        process = start_node(data_dir, options.config_dir, victim.id, victim.cloud,
+                             victim.region, url)
         nodes.restarted.append(process)
         out.print(f"  restarting {victim.id} with its data (pid {process.pid}) ...")
         back = await _back(registry, victim.id, options.rejoin_timeout_s)
@@ -289,33 +294,6 @@ async def _back(registry: Cluster, node_id: str, timeout_s: float) -> bool:
         return False
     finally:
         unsubscribe()
-
-
-def _start_node(node: WorkerNode, registry_url: str, data_dir: Path,
-                config_dir: Path) -> subprocess.Popen[bytes]:
-    """Start a node process again, with its id and data dir, as `cluster up` does."""
-    log = data_dir / "run" / f"{node.id}.log"
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "multicloud.ui.cli", "node", "--id", node.id,
-             "--cloud", node.cloud, "--region", node.region, "--port", "0",
-             "--registry", registry_url, "--data-dir", str(data_dir),
-             "--config-dir", str(config_dir)],
-            stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM the node processes the demo restarted; SIGKILL one that does not exit."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_GRACE_S)
 
 
 async def _prove(out: Console, orchestrator: PipelineOrchestrator, source: Path,
