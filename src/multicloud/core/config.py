@@ -185,6 +185,23 @@ class LinkOverride(_Strict):
     egress_usd_per_gb: float | None = Field(None, ge=0)
 
 
+class StoreOptions(_Strict):
+    """How to reach the object store behind a bucket URL; never secrets.
+
+    Credentials come from each cloud's standard places (AWS_ACCESS_KEY_ID and profiles,
+    GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_CONNECTION_STRING and friends); these
+    options only say where the store is, for S3-compatible stores (MinIO, Ceph, R2) and
+    emulators. An entry applies to every URL that starts with its `url`.
+    """
+
+    url: str = Field("", description="bucket URL prefix this entry applies to ('' = all)")
+    endpoint: str | None = Field(None, description="e.g. http://127.0.0.1:9000")
+    allow_http: bool = Field(False, description="allow plain http (emulators, MinIO)")
+    region: str | None = None
+    max_retries: int = Field(5, ge=0, description="retries of a failed or throttled request")
+    timeout_s: float = Field(60.0, gt=0, description="one request's time limit")
+
+
 class NodeSpec(_Strict):
     """One node of the cluster."""
 
@@ -192,6 +209,9 @@ class NodeSpec(_Strict):
     cloud: str
     region: str
     capacity_gb: float = Field(100.0, gt=0)
+    store: str | None = Field(
+        None, description="where the node keeps replicas: a bucket URL (s3://, gs://, "
+                          "az://), or None for its local disk")
 
 
 def _default_links() -> dict[LinkClass, LinkProfile]:
@@ -256,6 +276,22 @@ class ClusterConfig(_Strict):
     )
     link_overrides: list[LinkOverride] = Field(default_factory=list)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    node_stores: dict[str, str] = Field(
+        default_factory=dict,
+        description="cloud -> bucket URL its nodes keep replicas in ({node} is the node id); "
+                    "a node's own `store` wins, and a cloud not named here uses local disk")
+    stores: list[StoreOptions] = Field(
+        default_factory=list, description="endpoints of S3-compatible stores and emulators")
+
+    def store_of(self, spec: NodeSpec) -> str | None:
+        """The bucket URL a node keeps its replicas in, or None for its local disk."""
+        template = spec.store or self.node_stores.get(spec.cloud)
+        return template.replace("{node}", spec.id) if template else None
+
+    def store_options(self, url: str) -> StoreOptions:
+        """The options for a bucket URL: the longest matching `stores` entry, else defaults."""
+        matching = [o for o in self.stores if url.startswith(o.url)]
+        return max(matching, key=lambda o: len(o.url)) if matching else StoreOptions()
 
     @model_validator(mode="after")
     def _known_clouds(self) -> ClusterConfig:
@@ -280,7 +316,7 @@ class ClusterConfig(_Strict):
         """The nodes to run: the explicit list, else `nodes_per_cloud` spread over regions."""
         if self.nodes:
             return list(self.nodes)
-        specs = []
+        specs: list[NodeSpec] = []
         for cloud, count in self.nodes_per_cloud.items():
             regions = self.regions[cloud] if count else []
             for i in range(count):

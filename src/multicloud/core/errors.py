@@ -6,6 +6,7 @@ Every message names the bad value, what would be valid, and what to do about it.
     MulticloudError
     ├── ConfigError              invalid YAML, unknown key, bad value
     ├── SourceError              missing or unreadable source data
+    │   └── SourceChanged        a source file or object changed while the run read it
     ├── ValidationFailed         a chunk's records do not parse
     ├── ClusterError
     │   ├── NodeUnavailable      a node is down, unhealthy or cut off
@@ -19,7 +20,12 @@ Every message names the bad value, what would be valid, and what to do about it.
     │   ├── IntegrityError       bytes whose checksum does not match
     │   ├── ChunkNotFound        a node does not hold the asked-for chunk
     │   ├── DiskFull             a disk (a node's or the manifest's) has no room left
-    │   └── UnknownBatch         a batch id the manifest does not know
+    │   ├── UnknownBatch         a batch id the manifest does not know
+    │   └── CloudError           an object store (S3, GCS, Azure Blob) failed a request
+    │       ├── CloudAuthError   credentials missing, or refused by the store
+    │       ├── ObjectMissing    no such bucket, container or object
+    │       ├── ObjectExists     a create-only write found the object already there
+    │       └── ObjectChanged    the object is no longer the version that was asked for
     ├── BatchConflict
     │   ├── BatchExists          a completed batch id given for different content
     │   └── BatchLeased          another live run holds the batch
@@ -48,6 +54,11 @@ class ConfigError(MulticloudError):
 
 class SourceError(MulticloudError):
     """The source data cannot be found or read."""
+
+
+class SourceChanged(SourceError):
+    """A source file or object changed while the run was reading it: its chunks would mix
+    two versions, so the run stops (run it again to store the new version)."""
 
 
 class ValidationFailed(MulticloudError):
@@ -131,6 +142,30 @@ class UnknownBatch(StorageError):
     """The manifest has no batch with this id."""
 
 
+class CloudError(StorageError):
+    """An object store failed a request after its retries (5xx, throttling, the network).
+
+    A StorageError, so a node whose bucket fails is treated like a node whose disk fails.
+    Messages name the store by its URL and never carry credentials.
+    """
+
+
+class CloudAuthError(CloudError):
+    """The store found no credentials, or refused the ones it was given."""
+
+
+class ObjectMissing(CloudError):
+    """No such bucket, container or object."""
+
+
+class ObjectExists(CloudError):
+    """A create-only write found an object already at that key (nothing was replaced)."""
+
+
+class ObjectChanged(CloudError):
+    """The object is no longer the version (ETag, generation) the caller asked for."""
+
+
 class BatchConflict(MulticloudError):
     """A batch id cannot be run now as asked."""
 
@@ -173,6 +208,11 @@ _CODES: dict[type[MulticloudError], str] = {
     IntegrityError: "integrity",
     DiskFull: "disk_full",
     UnknownBatch: "unknown_batch",
+    CloudAuthError: "cloud_auth",
+    ObjectMissing: "object_missing",
+    ObjectExists: "object_exists",
+    ObjectChanged: "object_changed",
+    CloudError: "cloud",
     StorageError: "storage",
     ValidationFailed: "validation",
     NodeUnavailable: "node_unavailable",
@@ -182,6 +222,7 @@ _CODES: dict[type[MulticloudError], str] = {
     QuorumNotReached: "quorum",
     ClusterError: "cluster",
     ConfigError: "config",
+    SourceChanged: "source_changed",
     SourceError: "source",
     RestoreError: "restore",
     BatchExists: "batch_exists",
