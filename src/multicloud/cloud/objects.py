@@ -7,7 +7,8 @@ put, delete. Implementations map every failure of their client into the exceptio
 they retry 5xx and throttling answers with backoff before giving up.
 
 The methods block: callers run them on worker threads (a node's I/O pool, `to_thread`),
-the way the local chunk store is used. `open_store` picks the implementation by scheme.
+the way the local chunk store is used. `multicloud.cloud.open_store` picks the
+implementation by scheme.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from multicloud.cloud.urls import StoreUrl, parse_store_url
+from multicloud.cloud.urls import StoreUrl
 from multicloud.core.config import StoreOptions
 
 Buffer = bytes | memoryview
@@ -112,16 +113,3 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
-
-
-def open_store(url: str | StoreUrl, options: StoreOptions | None = None) -> ObjectStore:
-    """The ObjectStore behind a bucket URL (parsed first when given as text)."""
-    parsed = parse_store_url(url) if isinstance(url, str) else url
-    options = options or StoreOptions()
-    if parsed.scheme == "gs":
-        from multicloud.cloud.gcs import GcsStore
-
-        return GcsStore(parsed, options)
-    from multicloud.cloud.obstore_backend import ObstoreStore
-
-    return ObstoreStore(parsed, options)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import configparser
 import datetime as dt
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -69,7 +70,7 @@ class ObstoreStore(ObjectStore):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         stream = obstore.list(self._client, self._prefix + prefix or None, chunk_size=1000)
-        with self._errors(prefix or "(listing)"):
+        with self._errors(prefix):
             for page in stream:
                 for meta in page:
                     yield self._info(meta)
@@ -103,16 +104,26 @@ class ObstoreStore(ObjectStore):
 
     def put_parts(self, key: str, parts: Iterable[Buffer]) -> ObjectInfo:
         size = 0
+        raised: list[BaseException] = []
 
         def counted() -> Iterator[Buffer]:
             nonlocal size
-            for part in parts:
-                size += len(part)
-                yield part
+            try:
+                for part in parts:
+                    size += len(part)
+                    yield part
+            except BaseException as exc:  # the caller's own failure: kept to raise as is
+                raised.append(exc)
+                raise
 
-        with self._errors(key):
-            result = obstore.put(self._client, self._prefix + key, counted(),
-                                 chunk_size=_PUT_PART, max_concurrency=4)
+        try:
+            with self._errors(key):
+                result = obstore.put(self._client, self._prefix + key, counted(),
+                                     chunk_size=_PUT_PART, max_concurrency=4)
+        except CloudError:
+            if raised:  # obstore aborted the upload and wrapped the caller's error
+                raise raised[0] from None
+            raise
         return ObjectInfo(key, size, _quoted(result.get("e_tag")), _now())
 
     def delete(self, key: str) -> None:
@@ -161,25 +172,46 @@ class _MapErrors:
 
 def map_obstore_error(exc: BaseException, where: str) -> CloudError | ConfigError:
     """The tree's error for an obstore failure at `where` (a store URL and key)."""
-    detail = redact(_first_line(str(exc)))
+    text = redact(str(exc))  # before any cut: a cut secret would no longer be recognised
+    detail = _first_line(text)
+    status = _status(text)
     # obstore raises a plain FileNotFoundError for a missing object or bucket.
-    if isinstance(exc, obx.NotFoundError | FileNotFoundError):
+    if isinstance(exc, obx.NotFoundError | FileNotFoundError) or status == 404:
         return ObjectMissing(f"{where}: not found (no such bucket, container or object)")
     if isinstance(exc, obx.AlreadyExistsError):
         return ObjectExists(f"{where}: already exists; it was left as it is")
     if isinstance(exc, obx.PreconditionError):
         return ObjectChanged(f"{where}: changed since it was listed (its ETag moved on)")
-    if isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError):
-        return CloudAuthError(f"{where}: the store refused the credentials ({detail}); check "
-                              f"the cloud's credentials in the environment")
-    if " 404 " in detail:  # a listing of a bucket that does not exist
-        return ObjectMissing(f"{where}: not found (no such bucket or container)")
     if isinstance(exc, obx.UnknownConfigurationKeyError):
         return ConfigError(f"{where}: {detail}")
-    if "credential" in detail.lower() or "403" in detail or "401" in detail:
-        return CloudAuthError(f"{where}: no usable credentials ({detail}); set the cloud's "
-                              f"credentials in the environment")
+    if "169.254.169.254" in text or "credential" in detail.lower():
+        # Nothing in the environment, so the client asked the instance metadata service,
+        # which is not there (or refused): say what would have worked.
+        return CloudAuthError(f"{where}: {_NO_CREDENTIALS.get(where.split(':', 1)[0], detail)}")
+    if isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError) \
+            or status in (401, 403):
+        answer = f"HTTP {status}" if status else detail
+        return CloudAuthError(f"{where}: the store refused the credentials ({answer}); check "
+                              f"the cloud's credentials in the environment")
     return CloudError(f"{where}: the store failed the request after retries: {detail}")
+
+
+_STATUS = re.compile(r"status code: (\d{3})\b")
+
+
+def _status(text: str) -> int | None:
+    """The HTTP status obstore quotes ("Server returned non-2xx status code: 404 ..."),
+    never digits from elsewhere in the message (a timing, a port)."""
+    match = _STATUS.search(text)
+    return int(match[1]) if match else None
+
+
+_NO_CREDENTIALS = {
+    "s3": "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+          "AWS_PROFILE (a profile in ~/.aws/credentials), or run on an instance with a role",
+    "az": "no Azure credentials found: set AZURE_STORAGE_CONNECTION_STRING, or "
+          "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN",
+}
 
 
 def _first_line(text: str) -> str:
