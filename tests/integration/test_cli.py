@@ -215,8 +215,10 @@ def test_the_console_entry_point_runs_as_a_process(cli: Cli, source: Path) -> No
 
 @pytest.mark.parametrize(("bad", "needles"), [
     ("missing", ["does not exist"]),
-    ("s3://bucket/x", ["s3://bucket/x", "not supported"]),
-], ids=["missing-path", "s3-url"])
+    # No credentials anywhere (the test's environment has none): refused before anything
+    # is recorded, naming the variables that would fix it.
+    ("s3://bucket/x", ["s3://bucket/x/", "no AWS credentials", "AWS_ACCESS_KEY_ID"]),
+], ids=["missing-path", "s3-url-without-credentials"])
 def test_a_bad_source_is_refused_and_records_nothing(cli: Cli, source: Path, ran: str,
                                                       bad: str, needles: list[str]) -> None:
     bad_source = str(cli.root / bad) if bad == "missing" else bad

@@ -330,10 +330,12 @@ def test_a_run_killed_half_way_resumes_without_redoing_its_work(
     fresh_writes = fresh.json()["metrics"]["distribution"]["replica_writes"]
     rerun_writes = result["metrics"]["distribution"]["replica_writes"]
     # The rerun writes only the chunks the killed run had not recorded; it was killed
-    # after status showed 40%, so it redoes at most the rest (plus the catalogue's object).
+    # after status showed 40%, so it redoes at most the rest (plus the catalogue's object,
+    # and a copy of a chunk the kill caught between its write and its record: on a busy
+    # machine a second chunk's worth of slack).
     share_left = (total - resumed) / total
     assert share_left <= 0.75, (resumed, total)
-    assert rerun_writes <= fresh_writes * share_left + 3, (rerun_writes, fresh_writes,
+    assert rerun_writes <= fresh_writes * share_left + 6, (rerun_writes, fresh_writes,
                                                            resumed, total)
     place.restore_exact("k9", source, ws.root / "restored")
 

@@ -17,6 +17,7 @@ from multicloud import (
     PipelineOrchestrator,
     SourceError,
 )
+from multicloud.cloud import open_store
 from multicloud.pipeline.ingestion import ByteBudget, file_digest
 from multicloud.pipeline.sources import infer_source_cloud
 
@@ -141,8 +142,23 @@ async def test_ingest_batch_missing_source_raises_source_error(node_registry: No
         await engine.ingest_batch(tmp_path / "nowhere")
     with pytest.raises(SourceError, match="data_source"):
         await engine.ingest_batch({"batch_id": "no-source"})
-    with pytest.raises(SourceError, match="not supported"):
-        await engine.ingest_batch("s3://bucket/prefix")
+    with pytest.raises(SourceError, match="holds no objects"):
+        await engine.ingest_batch("memory://empty-bucket/prefix/")
+
+
+async def test_ingest_batch_reads_a_bucket_itself(node_registry: NodeRegistry) -> None:
+    store = open_store("memory://ingest-bucket/in/")
+    data = bytes(range(256)) * (CHUNK // 256 + 1)
+    store.put("a/b.bin", data)
+    store.put("empty", b"")
+    engine = DataIngestionEngine(node_registry, SMALL)
+    chunks = await engine.ingest_batch("memory://ingest-bucket/in/")
+    assert [(c.file, c.index, c.size_bytes) for c in chunks] == [
+        ("a/b.bin", 0, CHUNK), ("a/b.bin", 1, len(data) - CHUNK)]
+    assert chunks[0].chunk_id == hashlib.sha256(data[:CHUNK]).hexdigest()
+    entries = {e.path: e for e in engine.stats.file_entries}
+    assert set(entries) == {"a/b.bin", "empty"}
+    assert entries["a/b.bin"].digest == file_digest([c.chunk_id for c in chunks])
 
 
 @pytest.mark.parametrize(("source", "cloud"), [

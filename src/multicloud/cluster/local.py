@@ -4,7 +4,9 @@ The nodes are the same `NodeService`s cluster mode serves over HTTP, reached thr
 in-process carrier (`LocalComm`), so the embedded cluster runs the product's data plane,
 not a model of it. `<data_dir>/cluster.json` records membership (ids, clouds, regions,
 capacity) so that separate processes (`run`, then `restore`, then `verify`) see the same
-cluster, and `<data_dir>/nodes/<node_id>/` holds each node's chunk store.
+cluster, and `<data_dir>/nodes/<node_id>/` holds each node's chunk store, unless the
+config keeps a node's replicas in a bucket (`node_stores`, or the node's own `store`): then
+its chunks and its catalogue are objects under that URL (see `multicloud.node.stores`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from multicloud.core.config import ClusterConfig, NodeSpec, StorageConfig
 from multicloud.core.errors import ConfigError, storage_error
 from multicloud.core.network import Location, NetworkTopology
 from multicloud.node.service import NodeService
-from multicloud.node.store import ChunkStore
+from multicloud.node.stores import check_distinct_stores, open_node_store
 
 MEMBERSHIP_FILE = "cluster.json"
 
@@ -58,8 +60,9 @@ def create_local_cluster(
     specs = _merge_membership(root, config.node_specs(), write=join)
     services: dict[str, NodeService] = {}
     comm = LocalComm(services)
+    check_distinct_stores(specs, config)
     for spec in specs:
-        store = ChunkStore(root / "nodes" / spec.id, fsync=storage.fsync, owner=f"node {spec.id}")
+        store = open_node_store(spec, config, root, fsync=storage.fsync)
         services[spec.id] = NodeService(spec.id, Location(spec.cloud, spec.region), store, comm,
                                         seed=config.seed, time_scale=config.time_scale)
     cluster = Cluster(config, [WorkerNode(spec) for spec in specs], comm,
@@ -97,9 +100,11 @@ async def create_loopback_cluster(
     storage = storage or StorageConfig()
     root = Path(data_dir)
     specs = config.node_specs()
+    check_distinct_stores(specs, config)
     servers = [NodeServer(root, token, spec.cloud, spec.region, node_id=spec.id,
                           host="127.0.0.1", port=0, fsync=storage.fsync,
-                          capacity_bytes=int(spec.capacity_gb * 1024**3), allow_faults=True)
+                          capacity_bytes=int(spec.capacity_gb * 1024**3), allow_faults=True,
+                          cluster=config)
                for spec in specs]
 
     async def stop_servers() -> None:

@@ -1,7 +1,9 @@
 """A worker node as a process: the embedded cluster's `NodeService`, served over HTTP.
 
 The node binds its port, registers with the registry (which names it when no id is given),
-opens its chunk store under `<data_dir>/nodes/<id>`, serves every node operation on
+opens its chunk store (under `<data_dir>/nodes/<id>`, or the bucket the cluster config
+names for it: `node_stores` by cloud or the node's own `store`; `multicloud node` passes
+the config it loaded from `--config-dir`), serves every node operation on
 `POST /v1/<op>` (see `multicloud.comm.http`), and heartbeats with its live usage. Its
 pushes to peers go over HTTP too. SIGTERM stops accepting, lets in-flight requests finish,
 then exits. A node told to crash (a fault) also stops heartbeating, as a dead one would.
@@ -20,12 +22,13 @@ from aiohttp import web
 from multicloud.blob.validate import warm_up
 from multicloud.comm.http import HttpComm, bind_socket, start_node_server
 from multicloud.control.membership import RegistryClient
-from multicloud.core.config import ServiceConfig
+from multicloud.core.config import ClusterConfig, ServiceConfig
 from multicloud.core.errors import ClusterError
 from multicloud.core.network import Location
 from multicloud.core.runfiles import service_url
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
+from multicloud.node.stores import NodeStore, node_spec_for, open_node_store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ class NodeServer:
                  node_id: str | None = None, registry_url: str | None = None,
                  service: ServiceConfig | None = None, host: str | None = None,
                  port: int = 0, capacity_bytes: int = 100 * 1024**3, fsync: bool = True,
-                 advertise_host: str | None = None, allow_faults: bool = False) -> None:
+                 advertise_host: str | None = None, allow_faults: bool = False,
+                 cluster: ClusterConfig | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.token = token
         self.cloud = cloud
@@ -51,6 +55,9 @@ class NodeServer:
         self.fsync = fsync
         self.advertise_host = advertise_host
         self.allow_faults = allow_faults
+        # Where nodes keep their replicas (`node_stores`, a node's `store`): None, or a
+        # config that names no bucket for this node, means the local disk.
+        self.cluster = cluster
         self.node: NodeService | None = None
         self._peers = HttpComm(token)
         self._registry: RegistryClient | None = None
@@ -75,8 +82,7 @@ class NodeServer:
                     "url": self._url, "capacity_bytes": self.capacity_bytes})
             if self.node_id is None:
                 raise ClusterError("a node needs --id when it runs without a registry")
-            store = await asyncio.to_thread(ChunkStore, self.data_dir / "nodes" / self.node_id,
-                                            self.fsync, owner=f"node {self.node_id}")
+            store = await asyncio.to_thread(self._open_store, self.node_id)
             await asyncio.to_thread(warm_up)
             self.node = NodeService(self.node_id, Location(self.cloud, self.region), store,
                                     self._peers, allow_faults=self.allow_faults)
@@ -91,6 +97,14 @@ class NodeServer:
         log.info("node %s (%s/%s) serving on %s", self.node_id, self.cloud, self.region,
                  self._url)
         return self._url
+
+    def _open_store(self, node_id: str) -> NodeStore:
+        """This node's chunk store, once its id is known (the registry may name it)."""
+        if self.cluster is None:  # no config to name a bucket: the local disk
+            return ChunkStore(self.data_dir / "nodes" / node_id, self.fsync,
+                              owner=f"node {node_id}")
+        spec = node_spec_for(self.cluster, node_id, self.cloud, self.region)
+        return open_node_store(spec, self.cluster, self.data_dir, self.fsync)
 
     async def stop(self) -> None:
         """Stop heartbeating, finish in-flight requests, close the store's threads."""

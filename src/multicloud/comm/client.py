@@ -65,19 +65,30 @@ class NodeClient:
         await self._call(node, "configure", {"processing": self._processing,
                                              "time_scale": self.time_scale})
 
-    async def process(self, node: WorkerNode, chunk: Chunk, data: Body,
+    async def process(self, node: WorkerNode, chunk: Chunk, data: Body | None,
                       origin: Location) -> BlobInfo:
         """Send raw bytes from origin (the source bucket) to node; it processes and stages them."""
         return (await self.process_outcome(node, chunk, data, origin)).blob
 
-    async def process_outcome(self, node: WorkerNode, chunk: Chunk, data: Body,
+    async def process_outcome(self, node: WorkerNode, chunk: Chunk, data: Body | None,
                               origin: Location) -> ProcessOutcome:
-        """`process`, also bringing back the record that did not parse, if any."""
+        """`process`, also bringing back the record that did not parse, if any.
+
+        Without data the chunk is a reference (`chunk.source_ref`): the node reads the
+        range from the bucket itself, and emulates the bucket-to-node link it crosses.
+        """
         self._in_service(node)
         link = self.topology.link(origin, node.location)
-        self.ledger.charge(link, len(data))
-        await self.links.transfer(f"bucket {origin}", link, len(data))
         meta: dict[str, Any] = {"chunk": chunk.to_json()}
+        if data is None:
+            if chunk.source_ref is None:
+                raise ValueError("process_outcome needs the chunk's bytes or a source_ref")
+            meta["link"] = link.to_json()
+        else:
+            await self.links.transfer(f"bucket {origin}", link, len(data))
+        # Charged whether the orchestrator sends the bytes or the node fetches them: the
+        # bucket's cloud bills the read either way (and the attempt, if it fails).
+        self.ledger.charge(link, chunk.size_bytes if data is None else len(data))
         if self._processing is not None:
             meta["processing"] = self._processing
         reply = await self._call(node, "process", meta, data, origin)

@@ -30,6 +30,8 @@ STATUS = {
     "node_unavailable": 503, "source_lost": 503, "transfer_timeout": 504,
     "insufficient_nodes": 503, "quorum": 503, "restore": 500,
     "batch_exists": 409, "batch_leased": 409, "batch_conflict": 409,
+    "source_changed": 409, "cloud": 502, "cloud_auth": 502, "object_missing": 404,
+    "object_exists": 409, "object_changed": 412,
 }
 
 

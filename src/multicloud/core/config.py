@@ -313,16 +313,22 @@ class ClusterConfig(_Strict):
         return self
 
     def node_specs(self) -> list[NodeSpec]:
-        """The nodes to run: the explicit list, else `nodes_per_cloud` spread over regions."""
+        """The nodes to run: the explicit list, else `nodes_per_cloud` spread over regions.
+
+        Each spec carries the bucket URL its node keeps replicas in (None: local disk), so
+        a recorded membership finds the replicas again without this config.
+        """
         if self.nodes:
-            return list(self.nodes)
+            return [n if n.store else n.model_copy(update={"store": self.store_of(n)})
+                    for n in self.nodes]
         specs: list[NodeSpec] = []
         for cloud, count in self.nodes_per_cloud.items():
             regions = self.regions[cloud] if count else []
             for i in range(count):
-                specs.append(NodeSpec(id=f"{cloud}-node-{i + 1}", cloud=cloud,
-                                      region=regions[i % len(regions)],
-                                      capacity_gb=self.node_capacity_gb))
+                spec = NodeSpec(id=f"{cloud}-node-{i + 1}", cloud=cloud,
+                                region=regions[i % len(regions)],
+                                capacity_gb=self.node_capacity_gb)
+                specs.append(spec.model_copy(update={"store": self.store_of(spec)}))
         return specs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,46 @@ class Stage(enum.StrEnum):
     STORAGE = "storage"
 
 
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a chunk's raw bytes are in a bucket, for the node that reads them itself.
+
+    The orchestrator sends this instead of the bytes (bytes then never pass through its
+    machine); the node reads `[offset, offset + size)` of `key` pinned to `version`, so an
+    object that changes during the run is detected instead of mixed.
+    """
+
+    store: str  # the source's bucket URL with its prefix ("s3://logs/2026/11/")
+    key: str  # the object's key relative to that prefix
+    version: str | None  # ETag or generation when listed
+    # How to reach the store (endpoint, allow_http, region, retries; never secrets): the
+    # node takes credentials from its own environment.
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {"store": self.store, "key": self.key, "version": self.version,
+                "options": self.options}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> SourceRef:
+        """The SourceRef a `to_json` view describes."""
+        return cls(str(raw["store"]), str(raw["key"]),
+                   None if raw.get("version") is None else str(raw["version"]),
+                   dict(raw.get("options") or {}))
+
+    @property
+    def placement_key(self) -> str:
+        """A stable stand-in for the chunk id until the node has hashed the bytes: which
+        node reads the chunk is chosen by it, the same on every run of the same object."""
+        return hashlib.sha256(f"{self.store}\0{self.key}\0{self.version}".encode()).hexdigest()
+
+
 @dataclass(slots=True)
 class Chunk:
     """A fixed-size piece of one source file, identified by the SHA-256 of its raw bytes."""
 
-    chunk_id: str  # SHA-256 hex of the raw bytes
+    chunk_id: str  # SHA-256 hex of the raw bytes ("" until a node read a SourceRef chunk)
     file: str  # path relative to the batch source, with forward slashes
     index: int  # position of the chunk within its file
     offset: int  # byte offset within the file
@@ -58,6 +94,17 @@ class Chunk:
     raw_xxh3: str | None = None
     # The raw bytes while they are in flight; dropped once processed.
     data: bytes | memoryview | None = field(default=None, repr=False, compare=False)
+    # In a bucket: the processing node reads the bytes itself (data and path stay None).
+    source_ref: SourceRef | None = None
+
+    @property
+    def placement_key(self) -> str:
+        """What ranks the nodes that may process the chunk: its id, or for a chunk not yet
+        read, its place in the source (the same object range on every run)."""
+        if self.chunk_id or self.source_ref is None:
+            return self.chunk_id
+        return hashlib.sha256(f"{self.source_ref.placement_key}:{self.offset}".encode()
+                              ).hexdigest()
 
     @property
     def checksum(self) -> str:
@@ -70,6 +117,8 @@ class Chunk:
         prefix = self.line_prefix
         if prefix is not None and len(prefix) <= MAX_PREFIX_ON_WIRE:
             meta["line_prefix"] = base64.b64encode(prefix).decode()
+        if self.source_ref is not None:
+            meta["source_ref"] = self.source_ref.to_json()
         return meta
 
     @classmethod
@@ -77,8 +126,10 @@ class Chunk:
         """The Chunk a `to_json` view describes (without data or path)."""
         prefix = raw.get("line_prefix")
         fields: dict[str, Any] = {name: raw.get(name) for name in _CHUNK_FIELDS}
+        ref = raw.get("source_ref")
         return cls(**fields,
-                   line_prefix=base64.b64decode(prefix) if prefix is not None else None)
+                   line_prefix=base64.b64decode(prefix) if prefix is not None else None,
+                   source_ref=SourceRef.from_json(ref) if ref is not None else None)
 
 
 _CHUNK_FIELDS = ("chunk_id", "file", "index", "offset", "size_bytes", "source_cloud",
@@ -269,6 +320,8 @@ class RestoreReport:
     bytes_restored: int = 0
     skipped_replicas: list[ReplicaProblem] = field(default_factory=list)
     failed_files: list[str] = field(default_factory=list)
+    # Symlinks a restore into a bucket left out: object stores have no links.
+    skipped_links: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -276,6 +329,7 @@ class RestoreReport:
             "batch_id": self.batch_id,
             "files_restored": self.files_restored,
             "bytes_restored": self.bytes_restored,
+            "skipped_links": self.skipped_links,
             "skipped_replicas": [
                 {"chunk_id": p.chunk_id, "node_id": p.node_id, "problem": p.problem,
                  "detail": p.detail}

@@ -18,7 +18,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from multicloud.core.network import Location
-from multicloud.node.store import ChunkStore
+from multicloud.node.stores import NodeStore
 
 # From a loopback request on a small chunk to a slow cross-cloud push of a large one.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -57,7 +57,7 @@ class NodeMetrics:
                                        "Seconds one fsync took.", buckets=FSYNC_BUCKETS,
                                        registry=reg)
 
-    def watch_store(self, store: ChunkStore) -> None:
+    def watch_store(self, store: NodeStore) -> None:
         """Read the store's live figures at scrape time (they are kept as writes happen)."""
         self.stored_chunks.set_function(lambda: store.count)
         self.stored_bytes.set_function(lambda: store.bytes)

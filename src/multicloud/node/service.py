@@ -49,10 +49,11 @@ from multicloud.core.errors import (
 from multicloud.core.messages import Body, Channel, NodeAddress, Reply, Request
 from multicloud.core.network import Link, LinkEmulator, Location
 from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
-from multicloud.node.catalog import CatalogStore
 from multicloud.node.faults import HeldWrites, NodeFaults
 from multicloud.node.metrics import NodeMetrics
-from multicloud.node.store import ChunkStore, check_chunk_id
+from multicloud.node.source_reads import SourceReader
+from multicloud.node.store import check_chunk_id
+from multicloud.node.stores import NodeStore, catalog_for
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class _ChunkLocks:
 class NodeService:
     """A worker node: processing slots, a staging area, a durable chunk store, its peers."""
 
-    def __init__(self, node_id: str, location: Location, store: ChunkStore, peers: Channel,
+    def __init__(self, node_id: str, location: Location, store: NodeStore, peers: Channel,
                  processing: ProcessingConfig | None = None, *, allow_faults: bool = True,
                  seed: int = 0, time_scale: float = 0.0) -> None:
         self.node_id = node_id
@@ -130,6 +131,7 @@ class NodeService:
         self._chunk_locks = _ChunkLocks()
         self._processing_key = ""  # the configured transform chain, as JSON
         self._undoing = 0  # cancelled writes waiting for their disk write, to take it back
+        self.sources = SourceReader()  # bucket sources this node reads chunks of itself
         self._ops: dict[str, Handler] = {
             "health": self._op_health, "configure": self._op_configure,
             "process": self._op_process, "push": self._op_push, "put": self._op_put,
@@ -138,7 +140,7 @@ class NodeService:
             "usage": self._op_usage, "release": self._op_release, "fault": self._op_fault,
             "catalog": self._op_catalog,
         }
-        self.catalog = CatalogStore(store.root, owner=f"node {node_id}")
+        self.catalog = catalog_for(store, f"node {node_id}")
         self.configure(processing or ProcessingConfig())
 
     @property
@@ -194,8 +196,6 @@ class NodeService:
         return Reply({"configured": True})
 
     async def _op_process(self, request: Request) -> Reply:
-        data = _body(request)
-        self._count_received(request.sender, len(data))
         try:
             chunk = Chunk.from_json(_arg(request, "chunk"))
             wanted = request.meta.get("processing")
@@ -203,8 +203,15 @@ class NodeService:
                 # A node that missed the run's `configure` (down at the start, restarted
                 # since) processes with the run's chain all the same.
                 self.configure(ProcessingConfig.model_validate(wanted))
-        except (TypeError, ValueError, AttributeError) as exc:
+            raw_link = request.meta.get("link")
+            link = Link.from_json(raw_link) if raw_link is not None else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ClusterError(f"a 'process' request with bad metadata: {exc}") from None
+        if request.body is None and chunk.source_ref is not None:
+            data: Body = await self.read_source(chunk, link)
+        else:
+            data = _body(request)
+        self._count_received(request.sender, len(data))
         info, invalid = await self.process_outcome(chunk, data)
         return Reply({"blob": info.to_json(),
                       "invalid": invalid.to_json() if invalid is not None else None})
@@ -333,6 +340,13 @@ class NodeService:
         blob, info = self._staged.setdefault(info.chunk_id, (blob, info))
         self._staged_refs[info.chunk_id] = self._staged_refs.get(info.chunk_id, 0) + 1
         return info, invalid
+
+    async def read_source(self, chunk: Chunk, link: Link | None) -> memoryview:
+        """Read a chunk of a bucket source from the bucket (see `SourceReader`); the link
+        from the bucket to this node is emulated here, as the node is the one reading."""
+        if link is not None:
+            await self.links.transfer(self.node_id, link, chunk.size_bytes)
+        return await self._run(self._io, self.sources.read, chunk)
 
     def staged_blob(self, chunk_id: str) -> bytes | None:
         """The staged blob of a processed chunk, if still held."""
@@ -513,6 +527,7 @@ class NodeService:
     def close(self) -> None:
         """Stop the node's threads."""
         self.drop_staged()
+        self.sources.close()
         if self._workers is not None:
             self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)

@@ -7,6 +7,12 @@ Files are read in chunk-sized pieces on a worker thread (read and SHA-256 togeth
 file is never held whole and the event loop never hashes. A whole-file digest is derived
 from the chunk ids (SHA-256 over them, like a one-level Merkle tree), so restore can check
 whole files without a second pass over the data here.
+
+An object in a bucket is not read here at all: its chunks leave as references (bucket,
+key, version, range) with no id yet, a node of the bucket's cloud reads and hashes each,
+and the run hands the id back through `identified`; the file's entry is complete once
+every chunk of it has been identified. A listing that is not a list (a bucket's, which
+streams page by page) is pulled on a worker thread a page at a time.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import itertools
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +34,9 @@ import xxhash
 from multicloud.core.config import IngestionConfig
 from multicloud.core.errors import SourceError
 from multicloud.core.types import Chunk, FileEntry
+from multicloud.node.source_reads import SourceReader
 from multicloud.pipeline.metrics import PipelineMetrics
-from multicloud.pipeline.sources import SourceFile, infer_source_cloud, list_source
+from multicloud.pipeline.sources import SourceFile, infer_source_cloud, survey_source
 
 if TYPE_CHECKING:
     from multicloud.control.registry import NodeRegistry
@@ -121,20 +129,40 @@ class _Piece:
 
 @dataclass
 class _FileProgress:
-    ids: list[str] = field(default_factory=list)
+    file: SourceFile
+    ids: list[str] = field(default_factory=list)  # "" where a node has yet to hash it
     csv_columns: int | None = None
     carry: bytes | None = b""  # the unfinished last line so far
+    pending: int = 0  # chunks sent as references, not yet identified
+    planned: bool = False  # every chunk of the file has been yielded or skipped
 
 
-def _plan(files: list[SourceFile], size: int) -> Iterator[_Piece]:
-    for source_file in files:
-        if source_file.size == 0 or source_file.kind == "symlink":
-            # Nothing to read: an empty file, or a link, which is recorded and never read
-            # (reading it would store its target's bytes, and could block on a FIFO).
-            yield _Piece(source_file, 0, 0, 0)
-            continue
-        for index, offset in enumerate(range(0, source_file.size, size)):
-            yield _Piece(source_file, index, offset, min(size, source_file.size - offset))
+def _pieces(source_file: SourceFile, size: int) -> Iterator[_Piece]:
+    if source_file.size == 0 or source_file.kind == "symlink":
+        # Nothing to read: an empty file, or a link, which is recorded and never read
+        # (reading it would store its target's bytes, and could block on a FIFO).
+        yield _Piece(source_file, 0, 0, 0)
+        return
+    for index, offset in enumerate(range(0, source_file.size, size)):
+        yield _Piece(source_file, index, offset, min(size, source_file.size - offset))
+
+
+_LISTING_PAGE = 500  # files pulled from a streamed listing per trip to a worker thread
+
+
+async def _plan(files: Iterable[SourceFile], size: int) -> AsyncIterator[_Piece]:
+    """The pieces of every file; a listing that is not a list is pulled off the loop."""
+    if isinstance(files, list | tuple):
+        for source_file in files:
+            for piece in _pieces(source_file, size):
+                yield piece
+        return
+    listing = iter(files)
+    while page := await asyncio.to_thread(lambda: list(itertools.islice(listing,
+                                                                        _LISTING_PAGE))):
+        for source_file in page:
+            for piece in _pieces(source_file, size):
+                yield piece
 
 
 @dataclass
@@ -164,10 +192,12 @@ class DataIngestionEngine:
         cluster_default = node_registry.config.default_source_cloud if node_registry else "aws"
         self.default_cloud = default_cloud or cluster_default
         self.stats = IngestionStats()
+        self._progress: dict[str, _FileProgress] = {}
 
     def reset(self) -> None:
         """Count a new run from zero."""
         self.stats = IngestionStats()
+        self._progress = {}
 
     def resolve(self, source: str | Path | dict[str, Any]) -> tuple[str, str]:
         """(data source, source cloud) from a path or a batch_config dict."""
@@ -180,7 +210,7 @@ class DataIngestionEngine:
         return str(source), infer_source_cloud(source, self.default_cloud)
 
     async def iter_chunks(
-        self, files: list[SourceFile], source_cloud: str,
+        self, files: Iterable[SourceFile], source_cloud: str,
         inflight: ByteBudget | None = None,
         committed: Mapping[tuple[str, int], tuple[int, int, str]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
@@ -193,14 +223,19 @@ class DataIngestionEngine:
 
         `committed` maps (file, index) to (offset, size, chunk id) for the chunks an earlier
         run of the batch committed: those are neither read nor yielded (a resume).
+
+        A file in a bucket (`SourceFile.ref`) is not read: its chunks are yielded at once,
+        with `source_ref` set and no id, for a node to read (see `identified`).
         """
         size = self.config.chunk_size_bytes
         window: deque[tuple[_Piece, asyncio.Task[tuple[bytes | memoryview, str, str]]]] = \
             deque()
-        progress: dict[str, _FileProgress] = {}
+        progress = self._progress
         try:
-            for piece in _plan(files, size):
-                state = progress.setdefault(piece.file.rel_path, _FileProgress())
+            async for piece in _plan(files, size):
+                state = progress.get(piece.file.rel_path)
+                if state is None:
+                    state = progress[piece.file.rel_path] = _FileProgress(piece.file)
                 if piece.length == 0:
                     self._file_done(piece.file, state)
                     continue
@@ -216,6 +251,9 @@ class DataIngestionEngine:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
                 if inflight is not None:
                     await inflight.acquire(piece.length)
+                if piece.file.ref is not None:
+                    yield self._reference(piece, state, source_cloud)
+                    continue
                 window.append((piece, asyncio.create_task(self._read(piece))))
                 if len(window) >= self.config.read_ahead:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
@@ -272,6 +310,39 @@ class DataIngestionEngine:
                      record_format=fmt, csv_columns=state.csv_columns,
                      at_file_end=at_end, line_prefix=prefix, raw_xxh3=raw_xxh3, data=data)
 
+    def _reference(self, piece: _Piece, state: _FileProgress, source_cloud: str) -> Chunk:
+        """A chunk of a bucket object, for a node to read: no bytes, no id yet."""
+        source_file = piece.file
+        at_end = piece.offset + piece.length >= source_file.size
+        state.ids.append("")
+        state.pending += 1
+        state.planned = at_end
+        self.metrics.attempt("ingestion")
+        self.metrics.success("ingestion", piece.length, 0.0)
+        self.stats.chunks += 1
+        self.stats.bytes += piece.length
+        # The lines either side of a chunk boundary are the node's to see only in part:
+        # the boundary line goes unchecked (line_prefix None), and a later chunk of a CSV
+        # is checked for well-formed lines, not against the header's field count.
+        return Chunk(chunk_id="", file=source_file.rel_path, index=piece.index,
+                     offset=piece.offset, size_bytes=piece.length, source_cloud=source_cloud,
+                     record_format=source_file.record_format, at_file_end=at_end,
+                     source_ref=source_file.ref)
+
+    def identified(self, chunk: Chunk) -> None:
+        """Record the id a node found for a chunk it read from a bucket; the file's entry
+        is made once all of its chunks are known."""
+        state = self._progress.get(chunk.file)
+        if state is None or chunk.index >= len(state.ids) or state.ids[chunk.index]:
+            return  # known already (the chunk was processed again on another node)
+        state.ids[chunk.index] = chunk.chunk_id
+        state.pending -= 1
+        self._maybe_done(state)
+
+    def _maybe_done(self, state: _FileProgress) -> None:
+        if state.planned and state.pending == 0:
+            self._file_done(state.file, state)
+
     def _skip(self, piece: _Piece, state: _FileProgress, chunk_id: str) -> None:
         """Account for a chunk an earlier run committed, without reading it."""
         state.ids.append(chunk_id)
@@ -279,9 +350,11 @@ class DataIngestionEngine:
         self.stats.resumed_chunks += 1
         self.stats.resumed_bytes += piece.length
         if piece.offset + piece.length >= piece.file.size:
-            self._file_done(piece.file, state)
+            state.planned = True
+            self._maybe_done(state)
 
     def _file_done(self, source_file: SourceFile, state: _FileProgress) -> None:
+        self._progress.pop(source_file.rel_path, None)  # memory stays flat over a listing
         self.stats.files += 1
         self.stats.file_entries.append(FileEntry(
             path=source_file.rel_path, size=source_file.size, chunk_count=len(state.ids),
@@ -292,12 +365,19 @@ class DataIngestionEngine:
     async def ingest_batch(self, source: str | Path | dict[str, Any]) -> list[Chunk]:
         """Chunk and hash a whole source; returns chunk metadata (bytes are re-read later)."""
         path, cloud = self.resolve(source)
-        files = await asyncio.to_thread(list_source, path)
+        listing = await asyncio.to_thread(survey_source, path)
+        reader = SourceReader()  # a bucket's chunks are read here: no node does it
         chunks = []
-        async with aclosing(self.iter_chunks(files, cloud)) as stream:
-            async for chunk in stream:
-                chunk.data = None  # keep memory flat: processing re-reads from chunk.path
-                chunks.append(chunk)
+        try:
+            async with aclosing(self.iter_chunks(listing.files, cloud)) as stream:
+                async for chunk in stream:
+                    if chunk.source_ref is not None:
+                        await asyncio.to_thread(reader.read, chunk)
+                        self.identified(chunk)
+                    chunk.data = None  # keep memory flat: processing re-reads from chunk.path
+                    chunks.append(chunk)
+        finally:
+            reader.close()
         return chunks
 
     async def chunk_file(self, name: str, data: bytes | memoryview,

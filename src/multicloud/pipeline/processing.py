@@ -1,9 +1,11 @@
 """Stage 2, processing: validate and transform each chunk on a worker node of its source cloud.
 
 The raw bytes go out once, from the source bucket to a node in the same cloud (data
-locality, no egress). The node is the chunk's first rendezvous choice in that cloud, so it
-is usually also one of the chunk's replica targets and stores its copy without a network
-hop; when that node's worker slots are all busy, the least-loaded node of the cloud takes it.
+locality, no egress); a chunk in a real bucket goes as a reference, and the node reads the
+range itself, so its bytes never pass through the orchestrator. The node is the chunk's
+first rendezvous choice in that cloud, so it is usually also one of the chunk's replica
+targets and stores its copy without a network hop; when that node's worker slots are all
+busy, the least-loaded node of the cloud takes it.
 
 `on_nodes` is the one retry loop of the pipeline: it runs an attempt on the best node for
 a chunk and, when that node fails (it is down, or lost the chunk before quorum), on the
@@ -151,7 +153,7 @@ class ProcessingWorkerPool:
             nodes = [n for n in self.registry.healthy_nodes() if n.id not in exclude]
         if not nodes:
             raise InsufficientNodes("no healthy node is left to process chunks on")
-        ranked = rank_nodes(chunk.chunk_id, nodes)
+        ranked = rank_nodes(chunk.placement_key, nodes)
         slots = self.config.max_workers_per_node
         for node in ranked:
             if self._load[node.id] < slots:
@@ -200,7 +202,8 @@ class ProcessingWorkerPool:
         self._load[node.id] += 1
         try:
             with self.metrics.busy("processing"):
-                data = await read_chunk_bytes(chunk)
+                # A chunk in a bucket is read by the node itself: only its reference goes.
+                data = None if chunk.source_ref is not None else await read_chunk_bytes(chunk)
                 outcome = await self.registry.client.process_outcome(
                     node, chunk, data, self.origin_of(chunk.source_cloud))
         except ValidationFailed as exc:
@@ -216,6 +219,8 @@ class ProcessingWorkerPool:
         finally:
             self._load[node.id] -= 1
         latency = time.perf_counter() - started
+        if not chunk.chunk_id:  # read from a bucket by the node, which found its id
+            chunk.chunk_id = outcome.blob.chunk_id
         self.metrics.success("processing", chunk.size_bytes, latency)
         invalid = None
         if outcome.invalid is not None:

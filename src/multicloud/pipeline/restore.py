@@ -21,12 +21,16 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from multicloud.blob import decode_blob
+from multicloud.cloud import ObjectStore
 from multicloud.comm.cluster import Cluster
 from multicloud.core.errors import (
     ChunkNotFound,
+    CloudError,
     ClusterError,
     ConfigError,
     IntegrityError,
@@ -42,6 +46,7 @@ from multicloud.pipeline.manifest import ChunkRecord, Manifest
 log = logging.getLogger(__name__)
 
 _FILES_AT_ONCE = 4
+_SINGLE_PUT_BYTES = 8 * 1024 * 1024  # larger files go up as multipart uploads
 _CHECKS_AT_ONCE = 16
 
 
@@ -62,17 +67,7 @@ class BatchRestorer:
 
     async def restore(self, batch_id: str, dest_dir: str | Path) -> RestoreReport:
         """Rebuild every file of the batch under dest_dir; raise RestoreError if any fails."""
-        batch = await asyncio.to_thread(self.manifest.batch, batch_id)
-        if batch.status != "success":
-            raise RestoreError(f"batch {batch_id!r} did not complete (status {batch.state}); "
-                               f"run it again before restoring")
-        files = await asyncio.to_thread(self.manifest.files, batch_id)
-        records = await asyncio.to_thread(self.manifest.chunks, batch_id)
-        by_file: dict[str, list[ChunkRecord]] = defaultdict(list)
-        for record in records:
-            by_file[record.path].append(record)
-        replicas = await asyncio.to_thread(self.manifest.replicas,
-                                           sorted({r.chunk_id for r in records}))
+        files, by_file, replicas = await self._plan(batch_id)
         dest = Path(dest_dir)
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
         report = RestoreReport(batch_id)
@@ -96,11 +91,88 @@ class BatchRestorer:
         for entry in files:
             if entry.kind == "symlink":
                 await asyncio.to_thread(_restore_link, entry, dest, report, failures)
-        if report.failed_files:
-            shown = "; ".join(failures[p] for p in sorted(failures)[:5])
-            raise RestoreError(f"{len(report.failed_files)} file(s) of batch {batch_id!r} "
-                               f"could not be restored: {shown}")
+        _raise_failures(batch_id, report, failures)
         return report
+
+    async def restore_to_store(self, batch_id: str, store: ObjectStore) -> RestoreReport:
+        """Rebuild every file of the batch as an object under the store's prefix.
+
+        Each object appears only once all of its chunks were fetched and verified and
+        the file's digest matched: a big file streams up as a multipart upload that is
+        aborted on any failure, a small one goes up in one PUT. Symlinks are not objects:
+        they are listed in `skipped_links` (a folder restore recreates them), and the
+        modes and times of files are not kept either.
+        """
+        files, by_file, replicas = await self._plan(batch_id)
+        report = RestoreReport(batch_id)
+        failures: dict[str, str] = {}
+        limit = asyncio.Semaphore(_FILES_AT_ONCE)
+        loop = asyncio.get_running_loop()
+        # Uploads block their thread while it waits for chunks fetched on the loop, which
+        # needs the default pool's threads to decode them: so uploads get their own.
+        uploads = ThreadPoolExecutor(_FILES_AT_ONCE, thread_name_prefix="restore-upload")
+
+        async def one(entry: FileEntry) -> None:
+            chunks = sorted(by_file.get(entry.path, []), key=lambda r: r.index)
+
+            def parts() -> Iterator[bytes]:  # on the upload's thread; fetches on the loop
+                ids = []
+                for record in chunks:
+                    raw = asyncio.run_coroutine_threadsafe(
+                        self._fetch_chunk(record, replicas.get(record.chunk_id, []), report),
+                        loop).result()
+                    if raw is None:
+                        raise RestoreError(f"no good replica of chunk {record.index} of "
+                                           f"{display_path(entry.path)}")
+                    ids.append(record.chunk_id)
+                    yield raw
+                if file_digest(ids) != entry.digest:
+                    raise RestoreError(f"{display_path(entry.path)}: its chunks do not match "
+                                       f"the manifest's digest")
+
+            async with limit:
+                try:
+                    key = _object_key(entry.path)
+                    if entry.size <= _SINGLE_PUT_BYTES:
+                        data = await loop.run_in_executor(uploads, b"".join, parts())
+                        await loop.run_in_executor(uploads, store.put, key, data)
+                    else:
+                        await loop.run_in_executor(uploads, store.put_parts, key, parts())
+                except (RestoreError, CloudError) as exc:
+                    _failed(report, failures, entry.path, str(exc))
+                    return
+            report.files_restored += 1
+            report.bytes_restored += entry.size
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for entry in files:
+                    if entry.kind == "symlink":
+                        report.skipped_links.append(entry.path)
+                    else:
+                        group.create_task(one(entry))
+        except* ConfigError as group:
+            raise group.exceptions[0] from None
+        finally:
+            uploads.shutdown(wait=False)
+        _raise_failures(batch_id, report, failures)
+        return report
+
+    async def _plan(self, batch_id: str) -> tuple[list[FileEntry], dict[str, list[ChunkRecord]],
+                                                  dict[str, list[str]]]:
+        """A completed batch's files, their chunks by file, and each chunk's holders."""
+        batch = await asyncio.to_thread(self.manifest.batch, batch_id)
+        if batch.status != "success":
+            raise RestoreError(f"batch {batch_id!r} did not complete (status {batch.state}); "
+                               f"run it again before restoring")
+        files = await asyncio.to_thread(self.manifest.files, batch_id)
+        records = await asyncio.to_thread(self.manifest.chunks, batch_id)
+        by_file: dict[str, list[ChunkRecord]] = defaultdict(list)
+        for record in records:
+            by_file[record.path].append(record)
+        replicas = await asyncio.to_thread(self.manifest.replicas,
+                                           sorted({r.chunk_id for r in records}))
+        return files, by_file, replicas
 
     async def _restore_file(self, entry: FileEntry, chunks: list[ChunkRecord],
                             replicas: dict[str, list[str]], dest: Path,
@@ -253,6 +325,24 @@ def _commit_file(fd: int, tmp: Path, target: Path, entry: FileEntry) -> None:
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
     os.fsync(fd)
     os.replace(tmp, target)
+
+
+def _raise_failures(batch_id: str, report: RestoreReport, failures: dict[str, str]) -> None:
+    """RestoreError naming the first few files that failed, if any did."""
+    if report.failed_files:
+        shown = "; ".join(failures[p] for p in sorted(failures)[:5])
+        raise RestoreError(f"{len(report.failed_files)} file(s) of batch {batch_id!r} "
+                           f"could not be restored: {shown}")
+
+
+def _object_key(path: str) -> str:
+    """A file's path as an object key (UTF-8); RestoreError for a name that is not text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RestoreError(f"{display_path(path)}: the name is not UTF-8, which object keys "
+                           f"must be; restore to a folder instead") from None
+    return path
 
 
 def _why(path: str, exc: RestoreError | OSError) -> str:

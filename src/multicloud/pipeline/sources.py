@@ -1,7 +1,13 @@
-"""Where a batch's files come from: a local directory or file standing in for a bucket.
+"""Where a batch's files come from: a local directory or file, or a bucket.
 
-Cloud buckets (`s3://`, `gs://`) will sit behind the same `SourceFile` listing, chosen by
-URL scheme; until they exist such a source is refused with a clear error.
+A bucket source (`s3://`, `gs://`, `az://` and the Azure https/abfs forms) is a
+`BucketSource`: its listing is streamed page by page, never held whole, so it is walked
+twice, once to learn what the batch is (count, bytes, fingerprint) and once to feed
+ingestion; a listing that differs between the two walks is a source that changed during
+the run. Each object becomes a `SourceFile` carrying a `SourceRef` (bucket, key, ETag or
+generation): its bytes are read by a node in the bucket's cloud, never by this process.
+Keys that cannot be file paths (directory markers ending in "/", "." or ".." segments)
+are skipped and reported.
 
 A listing keeps files as they are: names are the file system's bytes (a name that is not
 UTF-8 carries surrogate escapes; `multicloud.core.units.display_path` shows it), regular
@@ -14,13 +20,19 @@ out.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multicloud.core.errors import SourceError
+from multicloud.cloud import ObjectInfo, is_store_url, open_store, parse_store_url
+from multicloud.core.config import StoreOptions
+from multicloud.core.errors import CloudError, ConfigError, SourceChanged, SourceError
+from multicloud.core.types import SourceRef
 from multicloud.core.units import display_path
 
 _CLOUD_WORDS = {"aws": "aws", "s3": "aws", "gcp": "gcp", "gcs": "gcp", "gs": "gcp",
@@ -42,6 +54,8 @@ class SourceFile:
     # The file's bytes when they are in memory already (DataIngestionEngine.chunk_file):
     # chunks are cut from them instead of read from `path`.
     data: memoryview | None = field(default=None, compare=False, repr=False)
+    # An object in a bucket: a node of its cloud reads it (`path` is only its name).
+    ref: SourceRef | None = None
 
     @property
     def record_format(self) -> str | None:
@@ -79,10 +93,8 @@ def scan_source(source: str | Path, *, follow_symlinks: bool = False) -> SourceL
     stays a link, so a loop ends. The source itself is always followed when it is a link.
     """
     text = str(source)
-    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
-        scheme = text.split("://", 1)[0]
-        raise SourceError(f"source {text}: {scheme}:// buckets are not supported yet; copy "
-                          f"the objects to a local directory and pass its path")
+    if is_store_url(text):
+        raise SourceError(f"source {text} is a bucket: list it with BucketSource")
     root = Path(source)
     shown = display_path(str(root))
     if not root.exists():
@@ -216,12 +228,14 @@ def _link(path: Path, rel_path: str, info: os.stat_result, target: str) -> Sourc
 
 
 def infer_source_cloud(source: str | Path, default: str) -> str:
-    """The cloud a source lives in, from words in its path (aws/s3, gcp/gcs, azure)."""
+    """The cloud a source lives in: a bucket URL's, else from words in its path (aws/s3,
+    gcp/gcs, azure)."""
     text = str(source).lower()
-    if text.startswith("s3://"):
-        return "aws"
-    if text.startswith("gs://"):
-        return "gcp"
+    if is_store_url(text):
+        try:
+            return parse_store_url(str(source)).cloud
+        except ConfigError:
+            return default
     # Only the last two path components name the bucket; words further up (a home
     # directory called aws-admin, a temp dir) say nothing about where the data lives.
     parts = [p for p in re.split(r"[/\\]+", text.rstrip("/\\")) if p not in ("", ".")]
@@ -230,3 +244,164 @@ def infer_source_cloud(source: str | Path, default: str) -> str:
             if word in _CLOUD_WORDS:
                 return _CLOUD_WORDS[word]
     return default
+
+
+class ListingHasher:
+    """What a batch's content is, by its listing: names, sizes, modes, times, link targets
+    (and an object's version), hashed as the listing streams by.
+
+    Equal fingerprints mean the same batch (a rerun is a no-op, a crashed run resumes);
+    like rsync and rclone, a file whose size and mtime did not change is taken as unchanged.
+    The bytes hashed are those of one JSON list of the entries, so a local listing hashes
+    the same whether it is hashed whole or file by file.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256(b"[")
+        self._first = True
+        self.files = 0
+        self.bytes = 0
+
+    def add(self, entry: SourceFile) -> None:
+        """Count one file of the listing (in listing order)."""
+        item: list[object] = [entry.rel_path, entry.size, entry.mtime_ns, entry.mode,
+                              entry.kind, entry.link_target]
+        if entry.ref is not None:
+            item.append(entry.ref.version)
+        self._digest.update((b"" if self._first else b", ") + json.dumps(item).encode())
+        self._first = False
+        self.files += 1
+        self.bytes += entry.size
+
+    def hexdigest(self) -> str:
+        """The fingerprint of what was added so far."""
+        final = self._digest.copy()
+        final.update(b"]")
+        return final.hexdigest()
+
+
+def source_fingerprint(files: Iterable[SourceFile]) -> str:
+    """The fingerprint of a whole listing (see ListingHasher)."""
+    hasher = ListingHasher()
+    for entry in files:
+        hasher.add(entry)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSurvey:
+    """One walk of a bucket source: what the batch is, without holding its listing."""
+
+    files: int
+    bytes: int
+    fingerprint: str
+    skipped: list[SkippedEntry]
+
+
+_SKIPPED_KEPT = 1000  # skipped keys reported by name; more are only counted
+
+
+class BucketSource:
+    """The objects under a bucket URL, as SourceFiles a node of the bucket's cloud reads."""
+
+    def __init__(self, url: str, options: StoreOptions | None = None) -> None:
+        self.url = parse_store_url(url)
+        self.options = options or StoreOptions()
+        self.store = open_store(self.url, self.options)
+        # What a node needs to reach the store besides credentials (never secrets).
+        self._wire_options = self.options.model_dump(mode="json", exclude={"url"})
+
+    @property
+    def cloud(self) -> str:
+        """The cloud the bucket lives in."""
+        return self.url.cloud
+
+    def survey(self) -> BucketSurvey:
+        """Walk the listing once: count, bytes, fingerprint and the keys left out."""
+        hasher = ListingHasher()
+        skipped: list[SkippedEntry] = []
+        for entry in self.files(skipped):
+            hasher.add(entry)
+        if hasher.files == 0 and not skipped:
+            raise SourceError(f"source {self.url} holds no objects: check the bucket and "
+                              f"prefix")
+        return BucketSurvey(hasher.files, hasher.bytes, hasher.hexdigest(), skipped)
+
+    def files(self, skipped: list[SkippedEntry] | None = None) -> Iterator[SourceFile]:
+        """Every object as a SourceFile, page by page; keys that cannot be file paths go
+        to `skipped` (the first thousand of them)."""
+        listing = self.store.list()
+        while True:
+            try:
+                info = next(listing)
+            except StopIteration:
+                return
+            except CloudError as exc:
+                raise SourceError(f"cannot list the source: {exc}") from None
+            problem = _key_problem(info.key)
+            if problem is None:
+                yield self._file(info)
+            elif skipped is not None and len(skipped) < _SKIPPED_KEPT:
+                skipped.append(SkippedEntry(info.key, "key", problem))
+
+    def _file(self, info: ObjectInfo) -> SourceFile:
+        return SourceFile(rel_path=info.key, path=Path(info.key), size=info.size,
+                          mtime_ns=int(info.mtime * 1e9),
+                          ref=SourceRef(str(self.url), info.key, info.version,
+                                        self._wire_options))
+
+
+def _key_problem(key: str) -> str | None:
+    """Why an object key cannot be restored as a file path, or None."""
+    if key.endswith("/"):
+        return "a directory marker (a key ending in '/') holds no file data"
+    segments = key.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        return "a key with empty, '.' or '..' segments cannot be a file path"
+    if "\0" in key:
+        return "a key with a NUL character cannot be a file path"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSource:
+    """A source as a run needs it: its files, what it adds up to, and its fingerprint.
+
+    `files` is a list for a local source; for a bucket it walks the listing again as it
+    is consumed (never held whole) and raises SourceChanged at its end when that walk
+    did not find what the survey found.
+    """
+
+    files: Iterable[SourceFile]
+    count: int
+    total_bytes: int
+    fingerprint: str
+    skipped: list[SkippedEntry]
+
+
+def survey_source(source: str, options: StoreOptions | None = None, *,
+                  follow_symlinks: bool = False) -> BatchSource:
+    """List a local or bucket source once (blocking): what a run of it will store."""
+    if not is_store_url(source):
+        listing = scan_source(source, follow_symlinks=follow_symlinks)
+        return BatchSource(listing.files, len(listing.files),
+                           sum(f.size for f in listing.files),
+                           source_fingerprint(listing.files), listing.skipped)
+    try:
+        bucket = BucketSource(source, options)
+    except ConfigError as exc:
+        raise SourceError(f"source {source}: {exc}") from None
+    survey = bucket.survey()
+    return BatchSource(_rewalk(bucket, survey.fingerprint), survey.files, survey.bytes,
+                       survey.fingerprint, survey.skipped)
+
+
+def _rewalk(bucket: BucketSource, fingerprint: str) -> Iterator[SourceFile]:
+    """The bucket's files again, checked at the end against the survey's fingerprint."""
+    hasher = ListingHasher()
+    for entry in bucket.files():
+        hasher.add(entry)
+        yield entry
+    if hasher.hexdigest() != fingerprint:
+        raise SourceChanged(f"the objects under {bucket.url} changed during the run (added, "
+                            f"removed or rewritten); run again to store them as they are now")

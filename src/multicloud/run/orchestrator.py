@@ -17,17 +17,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from multicloud.blob import load_key
+from multicloud.cloud import is_store_url, open_store
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import PipelineConfig, load_config
@@ -62,7 +61,7 @@ from multicloud.pipeline.processing import ProcessingWorkerPool
 from multicloud.pipeline.repair import HintReplays, Repairer, RepairReport, RepairsOnFailure
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.restore import BatchRestorer
-from multicloud.pipeline.sources import SourceFile, scan_source
+from multicloud.pipeline.sources import SourceFile, survey_source
 from multicloud.pipeline.storage import StorageManager
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
 from multicloud.run.live import LiveView, ProgressListener
@@ -189,15 +188,15 @@ class PipelineOrchestrator:
             source, cloud = self.ingestion_engine.resolve(batch_config)
             force = bool(batch_config.get("force_cross_cloud", False))
             listing = await asyncio.to_thread(
-                scan_source, source, follow_symlinks=bool(batch_config.get("follow_symlinks")))
-            files = listing.files
+                survey_source, source, self.config.cluster.store_options(source),
+                follow_symlinks=bool(batch_config.get("follow_symlinks")))
             check_policy(self.node_registry, self.config.distribution, force)
-            self.live.total_bytes = sum(f.size for f in files)
+            self.live.total_bytes = listing.total_bytes
             manifest = self.storage_manager.manifest
             await self._learn_batch(batch_id)
             mode = await asyncio.to_thread(
                 manifest.begin_batch, batch_id, str(source), cloud,
-                fingerprint=f"{source_fingerprint(files)}:{self.config.ingestion.chunk_size_bytes}",
+                fingerprint=f"{listing.fingerprint}:{self.config.ingestion.chunk_size_bytes}",
                 owner=self._owner,
                 replace=bool(batch_config.get("replace", False)))
             if mode == "done":
@@ -212,11 +211,11 @@ class PipelineOrchestrator:
             self._skipped = [{"file": e.path, "kind": e.kind, "reason": e.reason}
                              for e in listing.skipped]
             self.live.emit("pipeline_started",
-                           f"batch {batch_id}: {len(files)} files, {self.live.total_bytes} "
+                           f"batch {batch_id}: {listing.count} files, {self.live.total_bytes} "
                            f"bytes from {source} ({cloud})"
                            + (f", resuming {len(committed)} committed chunks"
                               if committed else ""), source=str(source),
-                           source_cloud=cloud, files=len(files),
+                           source_cloud=cloud, files=listing.count,
                            total_bytes=self.live.total_bytes, resumed_chunks=len(committed))
             if self._skipped:
                 self.live.emit("files_skipped", f"{len(self._skipped)} entries are not "
@@ -224,7 +223,7 @@ class PipelineOrchestrator:
                                f"{', '.join(display_path(e['file']) for e in self._skipped[:5])}",
                                level="warning", skipped=self._skipped)
             self.live.committed_bytes += sum(ref[1] for ref in committed.values())
-            await self._stream(files, cloud, force, committed)
+            await self._stream(listing.files, cloud, force, committed)
             result = await self._finish(batch_id, started, ledger_before)
         except* MulticloudError as group:
             error = group.exceptions[0]
@@ -341,7 +340,16 @@ class PipelineOrchestrator:
                        level="warning", status="interrupted")
 
     async def restore_batch(self, batch_id: str, dest_dir: str | Path) -> RestoreReport:
-        """Rebuild every file of a batch, byte-exact, under dest_dir."""
+        """Rebuild every file of a batch, byte-exact, under dest_dir: a folder, or a bucket
+        URL (s3://, gs://, az://...) the files become objects under."""
+        dest = str(dest_dir)
+        if is_store_url(dest):
+            store = await asyncio.to_thread(open_store, dest,
+                                            self.config.cluster.store_options(dest))
+            try:
+                return await self._restorer().restore_to_store(batch_id, store)
+            finally:
+                store.close()
         return await self._restorer().restore(batch_id, dest_dir)
 
     async def verify_batch(self, batch_id: str) -> VerifyReport:
@@ -379,7 +387,7 @@ class PipelineOrchestrator:
 
     # -- one run ----------------------------------------------------------------------------
 
-    async def _stream(self, files: list[SourceFile], cloud: str, force: bool,
+    async def _stream(self, files: Iterable[SourceFile], cloud: str, force: bool,
                       committed: dict[tuple[str, int], tuple[int, int, str]]) -> None:
         ingestion = self.config.ingestion
         inflight = ByteBudget(ingestion.max_inflight_chunks * ingestion.chunk_size_bytes)
@@ -405,9 +413,12 @@ class PipelineOrchestrator:
 
     async def _process_and_distribute(self, node: WorkerNode, chunk: Chunk,
                                       force: bool) -> DistributedChunk:
+        identified = bool(chunk.chunk_id)
         processed = await self.processing_pool.process_on(node, chunk)
         if processed.result is None:
             raise ValidationFailed(processed.error or "processing failed")
+        if not identified:  # a chunk of a bucket: the node read it and found its id
+            self.ingestion_engine.identified(chunk)
         if chunk.path is not None:
             chunk.data = None  # the blob is staged; a retry re-reads the source
         # SourceLost (this node failed before quorum) makes on_nodes try the next node.
@@ -556,13 +567,3 @@ class PipelineOrchestrator:
         return BatchRestorer(self.node_registry, self.storage_manager.manifest,
                              key=load_key(self.config.processing.encryption),
                              replication_factor=self.config.distribution.replication_factor)
-
-
-def source_fingerprint(files: list[SourceFile]) -> str:
-    """What a batch's content is, by its listing: names, sizes, modes, times, link targets.
-
-    Equal fingerprints mean the same batch (a rerun is a no-op, a crashed run resumes);
-    like rsync and rclone, a file whose size and mtime did not change is taken as unchanged.
-    """
-    listing = [[f.rel_path, f.size, f.mtime_ns, f.mode, f.kind, f.link_target] for f in files]
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()

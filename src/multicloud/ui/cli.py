@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", type=Path,
                        help=f"cluster token (default: ${TOKEN_ENV}, else DATA_DIR/token)")
 
-    run = sub.add_parser("run", help="run the pipeline on a source directory or file")
-    run.add_argument("--source", required=True, help="directory or file (a bucket stand-in)")
+    run = sub.add_parser("run", help="run the pipeline on a source directory, file or bucket")
+    run.add_argument("--source", required=True,
+                     help="directory, file, or bucket URL (s3://, gs://, az://, https://"
+                          "ACCOUNT.blob.core.windows.net/...)")
     run.add_argument("--batch-id", help="batch id (default: batch-<timestamp>)")
     run.add_argument("--source-cloud", help="cloud the source lives in (default: from path)")
     run.add_argument("--force-cross-cloud", action="store_true",
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = sub.add_parser("restore", help="rebuild a batch's files byte-exact")
     restore.add_argument("batch_id")
-    restore.add_argument("--to", dest="dest", type=Path, required=True, help="destination dir")
+    restore.add_argument("--to", dest="dest", required=True,
+                         help="destination folder, or bucket URL (s3://bucket/prefix/, ...)")
     restore.add_argument("--json", action="store_true")
     common(restore)
     restore.set_defaults(handler=cmd_restore)
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "failure recovery, statistics")
     demo.add_argument("--cluster-mode", action="store_true",
                       help="real registry and node processes (a node is SIGKILLed mid-run)")
+    demo.add_argument("--clouds", action="store_true",
+                      help="source and replicas in S3, GCS and Azure Blob buckets (loopback "
+                           "emulators the demo starts and stops)")
     demo.add_argument("--size", default="1GiB", help="dataset size (default 1GiB)")
     demo.add_argument("--workdir", type=Path, default=Path("demo-data"))
     demo.add_argument("--config-dir", type=Path, default=Path("config"))
@@ -295,9 +301,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     """multicloud demo."""
     from multicloud.ui.demo import DemoOptions, run_demo
 
+    if args.clouds and (args.cluster_mode or args.cluster):
+        raise UsageError("--clouds runs on the embedded cluster: leave out --cluster-mode "
+                         "and --cluster")
     options = DemoOptions(workdir=args.workdir, config_dir=args.config_dir,
                           size=parse_size(args.size), cluster_mode=args.cluster_mode,
-                          registry_url=args.cluster, data_dir=args.data_dir)
+                          registry_url=args.cluster, data_dir=args.data_dir,
+                          clouds=args.clouds)
     ok = await run_demo(options)
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -347,7 +357,8 @@ async def cmd_node(args: argparse.Namespace) -> int:
                         registry_url=args.registry, service=service,
                         host=args.host or service.host, port=args.port,
                         capacity_bytes=int(config.cluster.node_capacity_gb * 1024**3),
-                        fsync=config.storage.fsync, allow_faults=args.allow_faults)
+                        fsync=config.storage.fsync, allow_faults=args.allow_faults,
+                        cluster=config.cluster)  # its store: node_stores / nodes[].store
     try:
         url = await server.start()
         write_ready_file(args.data_dir, server.node_id or "node", url)
@@ -372,7 +383,7 @@ async def cmd_gen_data(args: argparse.Namespace) -> int:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    """multicloud run --source DIR."""
+    """multicloud run --source DIR|FILE|BUCKET-URL."""
     from multicloud.core.runfiles import write_ready_file
     from multicloud.ui.dashboard import run_with_dashboard, should_use_dashboard
     from multicloud.ui.logger import PipelineLogger
@@ -536,7 +547,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
-    """multicloud restore BATCH --to DIR."""
+    """multicloud restore BATCH --to DIR|BUCKET-URL."""
     registry, orchestrator = await _open_catalogue(args, args.batch_id)
     try:
         report = await orchestrator.restore_batch(args.batch_id, args.dest)
@@ -547,6 +558,9 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     else:
         print(f"restored {report.files_restored} files, {format_bytes(report.bytes_restored)} "
               f"to {display_path(str(args.dest))}; every chunk and file verified")
+        if report.skipped_links:
+            print(f"left out {len(report.skipped_links)} symlink(s): a bucket holds no links "
+                  f"(restore to a folder to get them back)")
         for problem in report.skipped_replicas:
             print(f"skipped {problem.problem} replica of {problem.chunk_id[:16]} on "
                   f"{problem.node_id}")

@@ -48,6 +48,7 @@ from multicloud.core.units import format_bytes
 from multicloud.datagen import generate_dataset
 from multicloud.run.live import LiveView
 from multicloud.run.orchestrator import PipelineOrchestrator
+from multicloud.ui.demo_clouds import bucket_matches, cloud_stage
 from multicloud.ui.render import node_table, print_summary, run_with_progress
 
 FAIL_AT_PERCENT = 40.0
@@ -67,6 +68,7 @@ class DemoOptions:
     data_dir: Path = Path(".multicloud")  # its token, ready files, and our manifest
     victim: str = "aws-node-2"
     rejoin_timeout_s: float = 120.0  # how long to wait for a stopped node to come back
+    clouds: bool = False  # S3/GCS/Azure emulators: source and replicas in buckets
 
 
 @dataclass
@@ -90,6 +92,8 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
         with out.status(f"generating a {format_bytes(options.size)} dataset in {source} ..."):
             await asyncio.to_thread(generate_dataset, source / "data", options.size)
         (source / ".complete").write_text("")
+    if options.clouds:
+        return await _cloud_demo(out, options, config, source / "data")
     data_dir = options.workdir / ("cluster-mode" if options.cluster_mode else "embedded")
     nodes = _Nodes()
     if options.registry_url is not None:
@@ -124,9 +128,29 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> bool
             await asyncio.to_thread(cluster_down, data_dir)
 
 
+async def _cloud_demo(out: Console, options: DemoOptions, config: PipelineConfig,
+                      dataset: Path) -> bool:
+    """The five parts with the source and every replica in (emulated) buckets."""
+    data_dir = options.workdir / "clouds"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    async with cloud_stage(out, options.workdir, dataset, config) as stage:
+        registry = create_local_cluster(data_dir, config=stage.config.cluster,
+                                        storage=stage.config.storage)
+        try:
+            return await _parts(out, options, stage.config, registry, dataset, _Nodes(),
+                                source_url=stage.source_url, restore_url=stage.restore_url)
+        finally:
+            await registry.close()
+
+
 async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
-                 registry: Cluster, source: Path, nodes: _Nodes) -> bool:
+                 registry: Cluster, local: Path, nodes: _Nodes, *,
+                 source_url: str | None = None, restore_url: str | None = None) -> bool:
+    """The five parts; the source is `local`, or the bucket at source_url holding a copy
+    of it (restore_url: a bucket to restore into as well as a folder)."""
+    source = source_url or str(local)
     mode = ("the running cluster at " + options.registry_url if options.registry_url else
+            "S3, GCS and Azure Blob emulators" if source_url else
             "real processes over HTTP" if options.cluster_mode else "embedded cluster")
     out.print(Rule(f"Multi-Cloud Data Pipeline Orchestrator Demo ({mode})"))
 
@@ -136,10 +160,10 @@ async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
 
     orchestrator = PipelineOrchestrator(registry, config=config)
     try:
-        out.print(f"\n[bold]2. Running the pipeline ({format_bytes(_tree_size(source))} "
-                  f"test dataset)[/bold]")
+        out.print(f"\n[bold]2. Running the pipeline ({format_bytes(_tree_size(local))} "
+                  f"test dataset from {source})[/bold]")
         first = await run_with_progress(orchestrator, {"batch_id": "demo-1",
-                                                       "data_source": str(source)})
+                                                       "data_source": source})
         _require(first)
 
         out.print("\n[bold]3. Results[/bold]")
@@ -156,13 +180,13 @@ async def _parts(out: Console, options: DemoOptions, config: PipelineConfig,
 
         out.print("\n[bold]5. Final statistics[/bold]")
         out.print(node_table(await registry.report(), "nodes after the failure"))
-        return await _prove(out, orchestrator, source, options.workdir)
+        return await _prove(out, orchestrator, local, options.workdir, restore_url)
     finally:
         await orchestrator.close()
 
 
 async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
-                       registry: Cluster, source: Path, options: DemoOptions,
+                       registry: Cluster, source: str, options: DemoOptions,
                        nodes: _Nodes) -> tuple[PipelineResult, WorkerNode | None]:
     """The second batch, with a node failing at FAIL_AT_PERCENT; the result and the node."""
     dist = orchestrator.config.distribution
@@ -171,7 +195,7 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
         out.print(f"  skipped: taking a node away would leave fewer healthy nodes than "
                   f"write_quorum ({dist.write_quorum}); start more nodes to see this part")
         return await run_with_progress(orchestrator, {"batch_id": "demo-2",
-                                                      "data_source": str(source)}), None
+                                                      "data_source": source}), None
     if not spare:
         left = len(registry.healthy_nodes()) - 1
         out.print(f"  without {victim.id}, {left} node(s) are left for {dist.replication_factor} "
@@ -203,7 +227,7 @@ async def _failure_run(out: Console, orchestrator: PipelineOrchestrator,
     remove = orchestrator.add_progress_listener(fail)
     try:
         result = await run_with_progress(orchestrator, {"batch_id": "demo-2",
-                                                        "data_source": str(source)})
+                                                        "data_source": source})
     finally:
         remove()
         unsubscribe()
@@ -297,7 +321,7 @@ async def _back(registry: Cluster, node_id: str, timeout_s: float) -> bool:
 
 
 async def _prove(out: Console, orchestrator: PipelineOrchestrator, source: Path,
-                 workdir: Path) -> bool:
+                 workdir: Path, restore_url: str | None = None) -> bool:
     ok = True
     for batch in ("demo-1", "demo-2"):
         report = await orchestrator.verify_batch(batch)
@@ -313,6 +337,13 @@ async def _prove(out: Console, orchestrator: PipelineOrchestrator, source: Path,
     out.print(f"  restore demo-2: {restored.files_restored} files, "
               f"{format_bytes(restored.bytes_restored)}, byte-identical to the source: "
               f"{'[green]yes[/green]' if same else '[red]NO[/red]'}")
+    if restore_url is not None:
+        into = await orchestrator.restore_batch("demo-2", restore_url)
+        matches = await asyncio.to_thread(bucket_matches, restore_url, source)
+        out.print(f"  restore demo-2 into {restore_url}: {into.files_restored} objects, "
+                  f"{format_bytes(into.bytes_restored)}, byte-identical to the source: "
+                  f"{'[green]yes[/green]' if matches else '[red]NO[/red]'}")
+        same = same and matches
     return ok and same
 
 
