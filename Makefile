@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 DEMO_DIR ?= demo-data
 DEMO_SIZE ?= 1GiB
+DEMO_CLOUDS_SIZE ?= 256MiB
 BENCH_SIZE ?= 1GiB
 BENCH_BEFORE ?=
 
-.PHONY: setup demo demo-cluster test lint bench bench-deps clean
+.PHONY: setup demo demo-cluster demo-clouds test lint bench bench-deps clean
 
 # Idempotent: creates the virtualenv once, then installs exactly what uv.lock pins.
 $(BIN)/python:
@@ -23,7 +24,13 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --quiet
 	touch $@
 
-setup: $(VENV)/.synced
+# azurite (Azure Blob's emulator) for the cloud tests and demo: exactly what
+# package-lock.json pins.
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.synced node_modules/.package-lock.json
 
 # The user's five-part demo on the embedded cluster: status, a 1 GiB run, results, a node
 # failing mid-run and the batch finishing anyway, final statistics with verify and restore.
@@ -33,6 +40,11 @@ demo: setup
 # The same with a real registry and six node processes; one is killed with SIGKILL mid-run.
 demo-cluster: setup
 	$(BIN)/multicloud demo --cluster-mode --workdir $(DEMO_DIR) --size $(DEMO_SIZE)
+
+# The same five parts with the source in an S3 bucket and replicas in S3, GCS and Azure
+# Blob: loopback emulators the demo starts and stops (no cloud account needed).
+demo-clouds: setup
+	$(BIN)/multicloud demo --clouds --workdir $(DEMO_DIR)/clouds --size $(DEMO_CLOUDS_SIZE)
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --cov=multicloud --cov-report=term --cov-fail-under=90
@@ -53,4 +65,4 @@ bench: setup bench-deps
 		$(if $(BENCH_BEFORE),--before $(BENCH_BEFORE))
 
 clean:
-	rm -rf $(VENV) .multicloud $(DEMO_DIR) bench-out .coverage
+	rm -rf $(VENV) node_modules .multicloud $(DEMO_DIR) bench-out .coverage
