@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 DEMO_DIR ?= demo-data
 DEMO_SIZE ?= 1GiB
-DEMO_CLOUDS_SIZE ?= 256MiB
 BENCH_SIZE ?= 1GiB
 BENCH_BEFORE ?=
 
@@ -44,7 +43,7 @@ demo-cluster: setup
 # The same five parts with the source in an S3 bucket and replicas in S3, GCS and Azure
 # Blob: loopback emulators the demo starts and stops (no cloud account needed).
 demo-clouds: setup
-	$(BIN)/multicloud demo --clouds --workdir $(DEMO_DIR)/clouds --size $(DEMO_CLOUDS_SIZE)
+	$(BIN)/multicloud demo --clouds --workdir $(DEMO_DIR)/clouds --size $(DEMO_SIZE)
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --cov=multicloud --cov-report=term --cov-fail-under=90

@@ -14,12 +14,19 @@ import hashlib
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from cloud_support import Bucket, MakeBucket, proxied, unique_name
 
 from multicloud.cloud import open_store
-from multicloud.core.errors import CloudError, ObjectChanged, ObjectExists, ObjectMissing
+from multicloud.core.errors import (
+    CloudAuthError,
+    CloudError,
+    ObjectChanged,
+    ObjectExists,
+    ObjectMissing,
+)
 
 MiB = 1024 * 1024
 
@@ -276,3 +283,20 @@ def test_a_gcs_listing_asks_for_pages_of_a_thousand(make_bucket: MakeBucket) -> 
         (listing,) = [s for s in proxy.requests("GET") if s.path.endswith("/o")]
         assert listing.param("maxResults") == "1000"
         assert listing.param("prefix") == "l/"
+
+
+def test_s3_credentials_come_from_a_profile_when_the_environment_has_none(
+        monkeypatch: pytest.MonkeyPatch, make_bucket: MakeBucket, tmp_path: Path) -> None:
+    bucket = make_bucket("s3")
+    bucket.open().put("k", b"v")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = nobody\n\n"
+                           "[bench]\naws_access_key_id = test\naws_secret_access_key = test\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "bench")
+    assert bytes(bucket.open().get("k")) == b"v"
+    monkeypatch.setenv("AWS_PROFILE", "missing")  # no such profile, no role: one clear line
+    with pytest.raises(CloudAuthError, match="no AWS credentials found: set AWS_ACCESS_KEY_ID"):
+        bucket.open().get("k")

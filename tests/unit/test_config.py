@@ -253,3 +253,15 @@ def test_unknown_nested_key_lists_the_nested_valid_keys(tmp_path: Path) -> None:
         load_config(tmp_path)
     assert "initial_s, min_s, max_s" in str(err.value)
     assert "replication_factor" not in str(err.value)
+
+
+def test_a_node_store_url_names_the_node_and_its_region() -> None:
+    config = ClusterConfig(nodes_per_cloud={"aws": 2, "gcp": 1},
+                           node_stores={"aws": "s3://replicas-{region}/{node}/"})
+    stores = {spec.id: spec.store for spec in config.node_specs()}
+    assert stores == {"aws-node-1": "s3://replicas-us-east-1/aws-node-1/",
+                      "aws-node-2": "s3://replicas-us-west-2/aws-node-2/",
+                      "gcp-node-1": None}
+    explicit = ClusterConfig(nodes=[{"id": "n1", "cloud": "aws", "region": "eu-west-1",
+                                     "store": "s3://own/{node}/"}])
+    assert [s.store for s in explicit.node_specs()] == ["s3://own/n1/"]

@@ -278,15 +278,19 @@ class ClusterConfig(_Strict):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     node_stores: dict[str, str] = Field(
         default_factory=dict,
-        description="cloud -> bucket URL its nodes keep replicas in ({node} is the node id); "
-                    "a node's own `store` wins, and a cloud not named here uses local disk")
+        description="cloud -> bucket URL its nodes keep replicas in ({node}: the node id, "
+                    "{region}: its region); a node's own `store` wins, and a cloud not "
+                    "named here uses local disk")
     stores: list[StoreOptions] = Field(
         default_factory=list, description="endpoints of S3-compatible stores and emulators")
 
     def store_of(self, spec: NodeSpec) -> str | None:
-        """The bucket URL a node keeps its replicas in, or None for its local disk."""
+        """The bucket URL a node keeps its replicas in, or None for its local disk
+        ({node} and {region} in the URL become the node's id and region)."""
         template = spec.store or self.node_stores.get(spec.cloud)
-        return template.replace("{node}", spec.id) if template else None
+        if not template:
+            return None
+        return template.replace("{node}", spec.id).replace("{region}", spec.region)
 
     def store_options(self, url: str) -> StoreOptions:
         """The options for a bucket URL: the longest matching `stores` entry, else defaults."""
@@ -319,8 +323,7 @@ class ClusterConfig(_Strict):
         a recorded membership finds the replicas again without this config.
         """
         if self.nodes:
-            return [n if n.store else n.model_copy(update={"store": self.store_of(n)})
-                    for n in self.nodes]
+            return [n.model_copy(update={"store": self.store_of(n)}) for n in self.nodes]
         specs: list[NodeSpec] = []
         for cloud, count in self.nodes_per_cloud.items():
             regions = self.regions[cloud] if count else []
