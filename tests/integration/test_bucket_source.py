@@ -18,9 +18,10 @@ from multicloud import PipelineConfig, PipelineOrchestrator, create_local_cluste
 from multicloud.cloud import open_store
 from multicloud.cluster.local import create_loopback_cluster
 from multicloud.core.errors import SourceChanged
-from multicloud.core.types import Chunk, SourceRef
+from multicloud.core.types import Chunk, FileEntry, SourceRef
 from multicloud.node.source_reads import SourceReader
 from multicloud.pipeline.sources import survey_source
+from multicloud.run import orchestrator as orchestrator_module
 
 MakeOrchestrator = Callable[..., PipelineOrchestrator]
 
@@ -186,3 +187,34 @@ async def test_reading_a_bucket_from_another_cloud_is_charged_as_egress(
     assert total <= from_bucket < total + 16 * 1024
     assert distribution["cross_cloud_bytes"] >= total
     assert distribution["egress_cost_usd"] > 0
+
+
+async def test_file_entries_go_to_the_manifest_as_the_run_goes(
+        make_orchestrator: MakeOrchestrator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing's entries are not held until the end (a million objects would be), and a
+    file written early still gets its quarantine note."""
+    monkeypatch.setattr(orchestrator_module, "FILE_ENTRIES_HELD", 2)
+    # One chunk in flight at a time (each file a whole chunk): entries finish one by one.
+    orchestrator = make_orchestrator(ingestion={"chunk_size_mb": CHUNK / 2**20,
+                                                "max_inflight_chunks": 1})
+    url = bucket_url()
+    store = open_store(url)
+    for i in range(7):
+        store.put(f"f{i}.bin", bytes([i]) * CHUNK)
+    store.put("a-bad.jsonl", b'{"ok": 1}\n{"cut": \n')
+    written: list[int] = []
+    add_files = orchestrator.storage_manager.manifest.add_files
+
+    def spy(batch_id: str, files: list[FileEntry]) -> None:
+        written.append(len(files))
+        add_files(batch_id, files)
+
+    monkeypatch.setattr(orchestrator.storage_manager.manifest, "add_files", spy)
+    result = await orchestrator.run_pipeline({"batch_id": "many", "data_source": url})
+    assert result.status == "success", result.error
+    assert len(written) >= 3, written
+    assert max(written) <= 3, written  # never more than the limit and the chunk in flight
+    files = {f.path: f for f in orchestrator.storage_manager.manifest.files("many")}
+    assert len(files) == 8
+    assert files["a-bad.jsonl"].quarantine is not None
+    assert "line 2" in files["a-bad.jsonl"].quarantine

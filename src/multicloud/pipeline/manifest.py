@@ -252,6 +252,13 @@ class Manifest:
                 rows,
             )
 
+    def set_quarantine(self, batch_id: str, reasons: dict[str, str]) -> None:
+        """Note why each of these files was stored with records that do not parse."""
+        with self._transaction(write=True) as conn:
+            self._require_batch(conn, batch_id)
+            conn.executemany("UPDATE files SET quarantine = ? WHERE batch_id = ? AND path = ?",
+                             [(why, batch_id, db_path(path)) for path, why in reasons.items()])
+
     def add_chunks(self, batch_id: str, chunks: list[tuple[Chunk, BlobInfo]]) -> None:
         """Record where each chunk sits in its file and the blob it is stored as."""
         self.record_commits(batch_id, chunks, [])

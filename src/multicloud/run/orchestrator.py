@@ -15,7 +15,6 @@ goes is in `self.live` (a `LiveView`), which is what the dashboard and `/metrics
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -68,6 +67,9 @@ from multicloud.run.live import LiveView, ProgressListener
 from multicloud.run.summary import RunFacts, run_summary
 
 log = logging.getLogger(__name__)
+
+# File entries held before they are written to the manifest during a run.
+FILE_ENTRIES_HELD = 10_000
 
 
 class PipelineOrchestrator:
@@ -223,7 +225,7 @@ class PipelineOrchestrator:
                                f"{', '.join(display_path(e['file']) for e in self._skipped[:5])}",
                                level="warning", skipped=self._skipped)
             self.live.committed_bytes += sum(ref[1] for ref in committed.values())
-            await self._stream(listing.files, cloud, force, committed)
+            await self._stream(batch_id, listing.files, cloud, force, committed)
             result = await self._finish(batch_id, started, ledger_before)
         except* MulticloudError as group:
             error = group.exceptions[0]
@@ -387,20 +389,22 @@ class PipelineOrchestrator:
 
     # -- one run ----------------------------------------------------------------------------
 
-    async def _stream(self, files: Iterable[SourceFile], cloud: str, force: bool,
+    async def _stream(self, batch_id: str, files: Iterable[SourceFile], cloud: str,
+                      force: bool,
                       committed: dict[tuple[str, int], tuple[int, int, str]]) -> None:
         ingestion = self.config.ingestion
         inflight = ByteBudget(ingestion.max_inflight_chunks * ingestion.chunk_size_bytes)
         chunks = self.ingestion_engine.iter_chunks(files, cloud, inflight, committed)
         async with asyncio.TaskGroup() as group, aclosing(chunks):
             async for chunk in chunks:
-                group.create_task(self._chunk_flow(chunk, force, inflight))
+                group.create_task(self._chunk_flow(batch_id, chunk, force, inflight))
             self.metrics.record_stage(Stage.INGESTION, self.ingestion_engine.stats.chunks)
             self._stage_complete(Stage.INGESTION)
             self.live.stage = Stage.PROCESSING.value
         self._stage_complete(Stage.PROCESSING)
 
-    async def _chunk_flow(self, chunk: Chunk, force: bool, inflight: ByteBudget) -> None:
+    async def _chunk_flow(self, batch_id: str, chunk: Chunk, force: bool,
+                          inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
             distributed = await self.processing_pool.on_nodes(
@@ -410,6 +414,17 @@ class PipelineOrchestrator:
             self.live.committed(chunk.size_bytes)
         finally:
             await inflight.release(chunk.size_bytes)
+        if len(self.ingestion_engine.stats.file_entries) >= FILE_ENTRIES_HELD:
+            await self._record_files(batch_id)
+
+    async def _record_files(self, batch_id: str) -> None:
+        """Write the files ingestion has finished to the manifest, and forget them here:
+        a listing of a million objects is never held whole (rows of an unfinished batch
+        are harmless, and a rerun writes them again)."""
+        entries = self.ingestion_engine.stats.file_entries
+        done, entries[:] = list(entries), []
+        if done:
+            await asyncio.to_thread(self.storage_manager.manifest.add_files, batch_id, done)
 
     async def _process_and_distribute(self, node: WorkerNode, chunk: Chunk,
                                       force: bool) -> DistributedChunk:
@@ -434,10 +449,9 @@ class PipelineOrchestrator:
         storage = self.storage_manager
         await storage.flush()
         stats = self.ingestion_engine.stats
-        quarantined = self.processing_pool.quarantined
-        entries = [dataclasses.replace(e, quarantine=quarantined.get(e.path))
-                   for e in stats.file_entries]
-        await asyncio.to_thread(storage.manifest.add_files, batch_id, entries)
+        await self._record_files(batch_id)
+        await asyncio.to_thread(storage.manifest.set_quarantine, batch_id,
+                                self.processing_pool.quarantined)
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
         await self.repairs_on_failure.settle()
         early = self.repairs_on_failure.created
