@@ -10,10 +10,13 @@
    against the embedded cluster, runs alternating, pipeline duration.
 7. With --before REV: the embedded pipeline of git revision REV (a worktree, run on this
    venv) against this one, runs alternating.
+8. Object stores (--no-clouds skips): the dataset from an S3-emulator bucket to replicas on
+   the S3, GCS and Azure Blob emulators, against `rclone copy --checksum` to the same three
+   (benchmarks/cloud_bench.py).
 
 Writes bench-out/report.md and bench-out/results.json. Usage:
     python benchmarks/run_benchmarks.py [--size 1GiB] [--big 4GiB] [--out bench-out]
-                                        [--cluster-runs 3] [--before REV]
+                                        [--cluster-runs 3] [--before REV] [--no-clouds]
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cloud_bench import cloud_section, table_rows
 
 from multicloud import (
     DataIngestionEngine,
@@ -311,6 +316,8 @@ def main() -> None:
                         help="runs of cluster mode and of embedded, each (0 skips)")
     parser.add_argument("--before", metavar="REV",
                         help="also compare the embedded pipeline with git revision REV")
+    parser.add_argument("--clouds", action=argparse.BooleanOptionalAction, default=True,
+                        help="object stores on emulators: multicloud against rclone")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +393,11 @@ def main() -> None:
         results["before_after"] = embedded_against_revision(source, out, args.before,
                                                             max(args.cluster_runs, 1))
 
+    # 8. object stores: multicloud against rclone, S3 source to S3 + GCS + Azure emulators
+    if args.clouds:
+        print("object stores (emulators), multicloud against rclone:", flush=True)
+        results["clouds"] = cloud_section(source, out)
+
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(render(results))
     print(render(results))
@@ -429,6 +441,8 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"| embedded, {ba['rev'][:10]} / this revision, pipeline s | "
                      f"{_runs(ba['before_s'])} / {_runs(ba['after_s'])}: this revision at "
                      f"{ba['after_throughput_over_before']:.2f} of the earlier throughput |")
+    if "clouds" in r:
+        lines.extend(table_rows(r["clouds"]))
     return "\n".join(lines) + "\n"
 
 

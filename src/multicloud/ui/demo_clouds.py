@@ -56,7 +56,7 @@ async def cloud_stage(out: Console, workdir: Path, dataset: Path,
         emulators = await asyncio.to_thread(start_emulators, ("s3", "gs", "az"),
                                              workdir / "emulator-logs")
     try:
-        with _environment(emulators.values()):
+        with environment(emulator_env(emulators.values())):
             for emulator in emulators.values():
                 out.print(f"  {emulator.kind} emulator: {emulator.endpoint} "
                           f"(pid {emulator.pid})")
@@ -108,13 +108,11 @@ def _parts_of(path: Path) -> Iterator[bytes]:
 
 
 @contextlib.contextmanager
-def _environment(emulators: Iterable[Emulator]) -> Iterator[None]:
-    """The emulators' variables set in this process (its embedded nodes read them)."""
-    wanted: dict[str, str] = {}
-    for emulator in emulators:
-        wanted.update(emulator.env())
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """values set in this process's environment for a with block (the embedded nodes and
+    open_store read it), and the environment as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -123,6 +121,14 @@ def _environment(emulators: Iterable[Emulator]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def emulator_env(emulators: Iterable[Emulator]) -> dict[str, str]:
+    """The variables that point every client at these emulators."""
+    values: dict[str, str] = {}
+    for emulator in emulators:
+        values.update(emulator.env())
+    return values
 
 
 def bucket_matches(store_url: str, local: Path) -> bool:
