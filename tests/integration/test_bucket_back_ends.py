@@ -26,6 +26,7 @@ from multicloud import (
     PipelineConfig,
     PipelineOrchestrator,
     create_local_cluster,
+    load_config,
 )
 from multicloud.blob import TransformChain
 from multicloud.cloud import open_store
@@ -335,3 +336,46 @@ async def test_node_processes_keep_their_replicas_in_the_configured_buckets(
         assert processes.object_files() == []  # nothing on the nodes' local disks
     finally:
         processes.stop()
+
+
+async def test_a_new_key_rewrites_the_replicas_a_bucket_already_held(tmp_path: Path) -> None:
+    """A batch encrypted with a new key over chunks the buckets hold under the old one:
+    what the nodes acknowledged is what they store, so the new batch restores."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.bin").write_bytes(random.Random(21).randbytes(150_000))
+    keys = []
+    for name in ("k1", "k2"):
+        keys.append(tmp_path / name)
+        keys[-1].write_bytes(random.Random(name).randbytes(32))
+    tag = uuid.uuid4().hex[:8]
+    stores = {cloud: f"memory://rot-{cloud}-{tag}/{{node}}/" for cloud in ("aws", "gcp")}
+
+    def with_key(key: Path) -> PipelineConfig:
+        return load_config(None).replace(
+            ingestion={"chunk_size_mb": CHUNK / 2**20},
+            cluster={"nodes_per_cloud": {"aws": 2, "gcp": 1}, "nodes": [],
+                     "node_stores": stores},
+            processing={"encryption": {"key_file": str(key)},
+                        "transforms": ["validate", "compress", "encrypt"]})
+
+    cluster = create_local_cluster(tmp_path / "cluster", config=with_key(keys[0]).cluster)
+    try:
+        for batch, key in (("old", keys[0]), ("new", keys[1])):
+            orch = PipelineOrchestrator(cluster, config=with_key(key))
+            try:
+                result = await orch.run_pipeline({"batch_id": batch,
+                                                  "data_source": str(source)})
+                assert result.status == "success", result.error
+            finally:
+                await orch.close()
+        orch = PipelineOrchestrator(cluster, config=with_key(keys[1]))
+        try:
+            assert (await orch.verify_batch("new")).ok
+            report = await orch.restore_batch("new", tmp_path / "out")
+            assert report.skipped_replicas == []
+            assert (tmp_path / "out" / "a.bin").read_bytes() == (source / "a.bin").read_bytes()
+        finally:
+            await orch.close()
+    finally:
+        await cluster.close()

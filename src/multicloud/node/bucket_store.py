@@ -6,13 +6,14 @@ prefix, and its batch catalogue under `catalog/` beside them (see `multicloud.no
 so losing the node's machine loses nothing. The node does exactly what it does over a
 disk: verify before it acknowledges, acknowledge only once the store confirmed the write.
 
-Writes are create-only, so a replica is never overwritten by a different body. When an
-object is already there, its envelope is checked: a good one (the same chunk, perhaps
-another valid encryption of it) stays and the write is satisfied; a damaged one is
-replaced (a repair). A kept object is written again with its own bytes, which refreshes
-its modification time: gc deletes an unreferenced object only when it is older than its
-cut-off, and a run that has just written the chunk again must win, as it does on a disk,
-where a write replaces the file.
+Writes are create-only first: the common case, a new replica, is one PUT that can never
+land on top of another writer's object unnoticed. When an object is already there, the
+write still ends with this write's bytes at the key, as a rename does on a disk: the ack
+(and so the manifest) describes this blob, and a body of the same chunk that was coded
+another way (an older key, encryption switched on since) must not stay behind it. The
+PUT also refreshes the object's modification time: gc deletes an unreferenced object
+only when it is older than its cut-off, and a run that has just written the chunk again
+must win.
 
 Times are the store's: `delete(older_than=...)` compares the caller's clock with the
 object's Last-Modified, so a clock far off the store's makes gc's grace period shorter or
@@ -27,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from multicloud.blob import check_blob
 from multicloud.cloud import ObjectInfo, ObjectStore, open_store
 from multicloud.core.config import StoreOptions
 from multicloud.core.errors import (
@@ -35,7 +35,6 @@ from multicloud.core.errors import (
     CloudAuthError,
     CloudError,
     DiskFull,
-    IntegrityError,
     ObjectExists,
     ObjectMissing,
     StorageError,
@@ -194,7 +193,13 @@ class BucketChunkStore:
 
     def _settle_existing(self, chunk_id: str, key: str,
                          blob: bytes | memoryview) -> tuple[int | None, int]:
-        """A create found an object at key: keep it if good, else replace it.
+        """A create found an object at key: what this write acknowledges must be there.
+
+        The same bytes are written again (so the object's age says it was just written,
+        which gc's grace relies on). Any other body is replaced, damaged or not: a valid
+        envelope of the same chunk may be encrypted with another key or coded another way
+        (a key rotation, encryption switched on), and the ack, which the manifest records,
+        describes this write's blob. The disk store's rename does the same.
 
         Returns (the size it had, None when it has gone since; the size it has now) for
         the usage figures.
@@ -205,14 +210,8 @@ class BucketChunkStore:
             # Deleted since the create failed (gc, a lost-replica fault): write ours.
             self._timed_put(key, blob, create_only=False)
             return None, len(blob)
-        try:
-            check_blob(existing, chunk_id)
-        except IntegrityError:
-            self._timed_put(key, blob, create_only=False)  # damaged: this is its repair
-            return len(existing), len(blob)
-        # Good already: the same bytes again, so its age says it was just written (gc).
-        self._timed_put(key, existing, create_only=False)
-        return len(existing), len(existing)
+        self._timed_put(key, blob, create_only=False)
+        return len(existing), len(blob)
 
     def _timed_put(self, key: str, data: bytes | memoryview, *, create_only: bool) -> None:
         started = time.perf_counter()
