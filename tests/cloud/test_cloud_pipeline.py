@@ -27,7 +27,9 @@ from multicloud import PipelineOrchestrator, create_local_cluster, load_config
 from multicloud.cloud import open_store
 from multicloud.comm.cluster import Cluster
 from multicloud.core.config import PipelineConfig
+from multicloud.core.errors import SourceError
 from multicloud.pipeline.maintenance import collect_garbage, repair_chunks
+from multicloud.pipeline.sources import survey_source
 
 CHUNK = 64 * 1024
 SCHEMES = {"aws": "s3", "gcp": "gs", "azure": "az"}
@@ -280,3 +282,20 @@ def test_secrets_stay_out_of_output_logs_and_json(
         assert secret not in text
         assert env["AWS_SESSION_TOKEN"] not in text
     assert open_store(source.url()).head("top.jsonl").size == len(OBJECTS["top.jsonl"])
+
+
+def test_s3_folder_markers_and_keys_that_are_not_paths(make_bucket: MakeBucket) -> None:
+    import boto3  # the emulators extra: only this test writes raw keys
+
+    source = make_bucket("s3")
+    assert source.emulator is not None
+    s3 = boto3.client("s3", endpoint_url=source.emulator.endpoint, region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    for key, body in (("dir/", b""), ("dir/a.txt", b"a"), ("bad//key", b"x")):
+        s3.put_object(Bucket=source.name, Key=key, Body=body)
+    with pytest.raises(SourceError, match=r"empty, '\.' or '\.\.' segment"):
+        survey_source(source.url())
+    s3.delete_object(Bucket=source.name, Key="bad//key")
+    survey = survey_source(source.url())
+    assert [f.rel_path for f in survey.files] == ["dir/a.txt"]
+    assert [s.path for s in survey.skipped] == ["dir"]

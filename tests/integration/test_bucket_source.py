@@ -20,7 +20,7 @@ from multicloud.cluster.local import create_loopback_cluster
 from multicloud.core.errors import SourceChanged
 from multicloud.core.types import Chunk, FileEntry, SourceRef
 from multicloud.node.source_reads import SourceReader
-from multicloud.pipeline.sources import survey_source
+from multicloud.pipeline.sources import BucketSource, SkippedEntry, survey_source
 from multicloud.run import orchestrator as orchestrator_module
 
 MakeOrchestrator = Callable[..., PipelineOrchestrator]
@@ -218,3 +218,21 @@ async def test_file_entries_go_to_the_manifest_as_the_run_goes(
     assert len(files) == 8
     assert files["a-bad.jsonl"].quarantine is not None
     assert "line 2" in files["a-bad.jsonl"].quarantine
+
+
+def test_folder_markers_are_not_files() -> None:
+    """Consoles make "dir/" objects to show folders; the client lists them as "dir"."""
+    url = bucket_url()
+    store = open_store(url)
+    for key in ("dir", "dir-old.txt", "dir.d/x", "dir/a.txt", "dir/sub", "dir/sub/b.txt",
+                "file", "zz"):
+        store.put(key, b"" if key in ("dir", "dir/sub") else key.encode())
+    skipped: list[SkippedEntry] = []
+    files = [f.rel_path for f in BucketSource(url).files(skipped)]
+    assert sorted(files) == ["dir-old.txt", "dir.d/x", "dir/a.txt", "dir/sub/b.txt", "file",
+                             "zz"]
+    assert [(s.path, s.kind) for s in skipped] == [("dir", "key"), ("dir/sub", "key")]
+    assert "folder marker" in skipped[0].reason
+    survey = survey_source(url)
+    assert survey.count == 6
+    assert [s.path for s in survey.skipped] == ["dir", "dir/sub"]

@@ -329,7 +329,30 @@ class BucketSource:
 
     def files(self, skipped: list[SkippedEntry] | None = None) -> Iterator[SourceFile]:
         """Every object as a SourceFile, page by page; keys that cannot be file paths go
-        to `skipped` (the first thousand of them)."""
+        to `skipped` (the first thousand of them).
+
+        A key that other keys sit under ("logs" beside "logs/a.gz": a console's folder
+        marker, whose trailing "/" the client drops) is a directory, not a file: it is
+        held back until the listing has passed every key it could be the folder of.
+        Keys come in ascending order, so only keys between "logs" and "logs/" (such as
+        "logs-old") are seen while one is held.
+        """
+        held: list[ObjectInfo] = []
+        for info in self._listing():
+            while held and not info.key.startswith(held[-1].key + "/") \
+                    and info.key > held[-1].key + "/":
+                yield from self._entry(held.pop(), skipped)  # nothing can sit under it now
+            for index, waiting in enumerate(held):
+                if info.key.startswith(waiting.key + "/"):
+                    self._skip(waiting.key, "a folder marker: other keys sit under it",
+                               skipped)
+                    del held[index]
+                    break
+            held.append(info)
+        for info in held:
+            yield from self._entry(info, skipped)
+
+    def _listing(self) -> Iterator[ObjectInfo]:
         listing = self.store.list()
         while True:
             try:
@@ -337,12 +360,26 @@ class BucketSource:
             except StopIteration:
                 return
             except CloudError as exc:
+                if "invalid path" in str(exc).lower():
+                    raise SourceError(
+                        f"cannot list the source: {self.url} holds a key with an empty, '.' "
+                        f"or '..' segment (such as 'a//b'), which is not a file path; move "
+                        f"it, or give a prefix that leaves it out") from None
                 raise SourceError(f"cannot list the source: {exc}") from None
-            problem = _key_problem(info.key)
-            if problem is None:
-                yield self._file(info)
-            elif skipped is not None and len(skipped) < _SKIPPED_KEPT:
-                skipped.append(SkippedEntry(info.key, "key", problem))
+            yield info
+
+    def _entry(self, info: ObjectInfo, skipped: list[SkippedEntry] | None,
+               ) -> Iterator[SourceFile]:
+        problem = _key_problem(info.key)
+        if problem is None:
+            yield self._file(info)
+        else:
+            self._skip(info.key, problem, skipped)
+
+    @staticmethod
+    def _skip(key: str, why: str, skipped: list[SkippedEntry] | None) -> None:
+        if skipped is not None and len(skipped) < _SKIPPED_KEPT:
+            skipped.append(SkippedEntry(key, "key", why))
 
     def _file(self, info: ObjectInfo) -> SourceFile:
         return SourceFile(rel_path=info.key, path=Path(info.key), size=info.size,
