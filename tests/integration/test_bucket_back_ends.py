@@ -379,3 +379,26 @@ async def test_a_new_key_rewrites_the_replicas_a_bucket_already_held(tmp_path: P
             await orch.close()
     finally:
         await cluster.close()
+
+
+async def test_node_stores_added_later_leave_disk_nodes_where_their_data_is(
+        tmp_path: Path, config: PipelineConfig, dataset: Path) -> None:
+    root = tmp_path / "cluster"
+    on_disk = ClusterConfig(nodes_per_cloud={"aws": 2, "gcp": 2})
+    cluster = create_local_cluster(root, config=on_disk)
+    orch = PipelineOrchestrator(cluster, config=config)
+    try:
+        await run(orch, "kept", dataset)
+    finally:
+        await orch.close()
+        await cluster.close()
+    tag = uuid.uuid4().hex[:8]
+    moved = ClusterConfig(nodes_per_cloud={"aws": 2, "gcp": 2},
+                          node_stores={"aws": f"memory://later-{tag}/{{node}}/"})
+    cluster = create_local_cluster(root, config=moved)
+    orch = PipelineOrchestrator(cluster, config=config)
+    try:
+        assert (await orch.verify_batch("kept")).ok
+    finally:
+        await orch.close()
+        await cluster.close()

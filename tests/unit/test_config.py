@@ -244,7 +244,7 @@ def test_explicit_nodes_win() -> None:
                                     "capacity_gb": 2}]
     config = ClusterConfig.model_validate({"nodes": nodes})
     assert config.node_specs() == [NodeSpec(id="edge-1", cloud="azure", region="westus2",
-                                            capacity_gb=2)]
+                                            capacity_gb=2, store="local")]
 
 
 def test_unknown_nested_key_lists_the_nested_valid_keys(tmp_path: Path) -> None:
@@ -261,7 +261,16 @@ def test_a_node_store_url_names_the_node_and_its_region() -> None:
     stores = {spec.id: spec.store for spec in config.node_specs()}
     assert stores == {"aws-node-1": "s3://replicas-us-east-1/aws-node-1/",
                       "aws-node-2": "s3://replicas-us-west-2/aws-node-2/",
-                      "gcp-node-1": None}
+                      "gcp-node-1": "local"}
     explicit = ClusterConfig(nodes=[{"id": "n1", "cloud": "aws", "region": "eu-west-1",
                                      "store": "s3://own/{node}/"}])
     assert [s.store for s in explicit.node_specs()] == ["s3://own/n1/"]
+
+
+def test_a_node_recorded_on_its_disk_stays_there_when_node_stores_appear() -> None:
+    recorded = ClusterConfig(nodes_per_cloud={"aws": 1}).node_specs()
+    assert [n.store for n in recorded] == ["local"]
+    later = ClusterConfig(nodes_per_cloud={"aws": 1},
+                          node_stores={"aws": "s3://replicas/{node}/"})
+    assert later.store_of(recorded[0]) is None  # its replicas are where they were
+    assert later.store_of(later.node_specs()[0]) == "s3://replicas/aws-node-1/"

@@ -140,7 +140,7 @@ async def test_create_local_cluster_records_membership(tmp_path: Path) -> None:
     assert [n["id"] for n in recorded["nodes"]] == [
         "aws-node-1", "aws-node-2", "aws-node-3", "gcp-node-1", "gcp-node-2", "gcp-node-3"]
     assert recorded["nodes"][1] == {"id": "aws-node-2", "cloud": "aws", "region": "us-west-2",
-                                    "capacity_gb": 100.0, "store": None}
+                                    "capacity_gb": 100.0, "store": "local"}
 
     second = create_local_cluster(root, {"aws": 4, "gcp": 1, "azure": 1})
     try:

@@ -185,6 +185,10 @@ class LinkOverride(_Strict):
     egress_usd_per_gb: float | None = Field(None, ge=0)
 
 
+# NodeSpec.store of a node that keeps its replicas on its own disk.
+LOCAL_STORE = "local"
+
+
 class StoreOptions(_Strict):
     """How to reach the object store behind a bucket URL; never secrets.
 
@@ -211,7 +215,8 @@ class NodeSpec(_Strict):
     capacity_gb: float = Field(100.0, gt=0)
     store: str | None = Field(
         None, description="where the node keeps replicas: a bucket URL (s3://, gs://, "
-                          "az://), or None for its local disk")
+                          "az://), 'local' for its local disk, or None for what the "
+                          "cluster's node_stores say")
 
 
 def _default_links() -> dict[LinkClass, LinkProfile]:
@@ -287,6 +292,8 @@ class ClusterConfig(_Strict):
     def store_of(self, spec: NodeSpec) -> str | None:
         """The bucket URL a node keeps its replicas in, or None for its local disk
         ({node} and {region} in the URL become the node's id and region)."""
+        if spec.store == LOCAL_STORE:
+            return None
         template = spec.store or self.node_stores.get(spec.cloud)
         if not template:
             return None
@@ -319,11 +326,13 @@ class ClusterConfig(_Strict):
     def node_specs(self) -> list[NodeSpec]:
         """The nodes to run: the explicit list, else `nodes_per_cloud` spread over regions.
 
-        Each spec carries the bucket URL its node keeps replicas in (None: local disk), so
-        a recorded membership finds the replicas again without this config.
+        Each spec says where its node keeps replicas (a bucket URL, or "local"), so a
+        recorded membership finds them again without this config, and a node_stores
+        entry added later does not move a node that has been keeping them on its disk.
         """
         if self.nodes:
-            return [n.model_copy(update={"store": self.store_of(n)}) for n in self.nodes]
+            return [n.model_copy(update={"store": self.store_of(n) or LOCAL_STORE})
+                    for n in self.nodes]
         specs: list[NodeSpec] = []
         for cloud, count in self.nodes_per_cloud.items():
             regions = self.regions[cloud] if count else []
@@ -331,7 +340,8 @@ class ClusterConfig(_Strict):
                 spec = NodeSpec(id=f"{cloud}-node-{i + 1}", cloud=cloud,
                                 region=regions[i % len(regions)],
                                 capacity_gb=self.node_capacity_gb)
-                specs.append(spec.model_copy(update={"store": self.store_of(spec)}))
+                specs.append(spec.model_copy(
+                    update={"store": self.store_of(spec) or LOCAL_STORE}))
         return specs
 
 

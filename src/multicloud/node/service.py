@@ -247,7 +247,8 @@ class NodeService:
         return Reply({"size": len(blob)}, blob)
 
     async def _op_has(self, request: Request) -> Reply:
-        return Reply({"present": self.has(check_chunk_id(_arg(request, "chunk_id")))})
+        chunk_id = check_chunk_id(_arg(request, "chunk_id"))
+        return Reply({"present": await self._run(self._io, self.has, chunk_id)})
 
     async def _op_delete(self, request: Request) -> Reply:
         older_than = request.meta.get("older_than")
@@ -346,7 +347,11 @@ class NodeService:
         from the bucket to this node is emulated here, as the node is the one reading."""
         if link is not None:
             await self.links.transfer(self.node_id, link, chunk.size_bytes)
-        return await self._run(self._io, self.sources.read, chunk)
+        if self._workers is None:  # pragma: no cover - set in __init__
+            raise RuntimeError("NodeService.configure() was not called")
+        # On a worker slot, as processing is: a slow bucket then holds up this node's
+        # processing, never its replica writes and reads (the I/O threads).
+        return await self._run(self._workers, self.sources.read, chunk)
 
     def staged_blob(self, chunk_id: str) -> bytes | None:
         """The staged blob of a processed chunk, if still held."""
@@ -549,10 +554,11 @@ class NodeService:
 
     async def _durable_put(self, chunk_id: str, blob: Body) -> None:
         """store.put on an I/O thread; if the request is cancelled, undo what it created."""
+        loop = asyncio.get_running_loop()
         async with self._chunk_locks.hold(chunk_id):
-            existed = self.store.exists(chunk_id)
-            write = asyncio.get_running_loop().run_in_executor(self._io, self.store.put,
-                                                               chunk_id, blob)
+            # On a thread, like every store call: a bucket store asks its bucket.
+            existed = await self._run(self._io, self.store.exists, chunk_id)
+            write = loop.run_in_executor(self._io, self.store.put, chunk_id, blob)
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
@@ -561,16 +567,19 @@ class NodeService:
                 # will record; one that was already there stays.
                 self._undoing += 1
                 try:
-                    while not write.done():
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await asyncio.shield(write)
+                    await _despite_cancels(write)
+                    if not write.cancelled() and write.exception() is None and not existed:
+                        undo = loop.run_in_executor(self._io, self.store.delete, chunk_id)
+                        await _despite_cancels(undo)
+                        if undo.exception() is None:
+                            log.info("%s: removed chunk %s, whose write was cancelled",
+                                     self.node_id, chunk_id[:12])
+                        else:
+                            log.warning("%s: could not remove chunk %s, whose write was "
+                                        "cancelled (gc will): %s", self.node_id,
+                                        chunk_id[:12], undo.exception())
                 finally:
                     self._undoing -= 1
-                if not write.cancelled() and write.exception() is None and not existed:
-                    with contextlib.suppress(MulticloudError):
-                        self.store.delete(chunk_id)
-                    log.info("%s: removed chunk %s, whose write was cancelled",
-                             self.node_id, chunk_id[:12])
                 raise
 
     @staticmethod
@@ -578,6 +587,16 @@ class NodeService:
                    **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
+
+
+async def _despite_cancels(work: asyncio.Future[Any]) -> None:
+    """Wait until work (a thread's job, which cannot be stopped) is done, however often the
+    waiting task is cancelled meanwhile; its outcome stays on the future."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(work)
+    if not work.cancelled():
+        work.exception()  # retrieved: an error of the undo is not left unobserved
 
 
 def _transform(chain: TransformChain, chunk: Chunk, data: Body, *, check_records: bool,
