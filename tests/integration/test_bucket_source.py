@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from multicloud import PipelineConfig, PipelineOrchestrator, create_local_cluster
 from multicloud.cloud import open_store
 from multicloud.cluster.local import create_loopback_cluster
-from multicloud.core.errors import SourceChanged
+from multicloud.comm.cluster import Cluster
+from multicloud.core.errors import RestoreError, SourceChanged
 from multicloud.core.types import Chunk, FileEntry, SourceRef
 from multicloud.node.source_reads import SourceReader
 from multicloud.pipeline.sources import BucketSource, SkippedEntry, survey_source
@@ -236,3 +238,47 @@ def test_folder_markers_are_not_files() -> None:
     survey = survey_source(url)
     assert survey.count == 6
     assert [s.path for s in survey.skipped] == ["dir", "dir/sub"]
+
+
+async def test_a_url_with_a_token_is_refused_without_echoing_it(
+        orchestrator: PipelineOrchestrator) -> None:
+    signed = ("https://acct.blob.core.windows.net/c/p/?sv=2022-11-02&sig=SUPERSECRETSIG"
+              "&se=2030")
+    result = await orchestrator.run_pipeline({"batch_id": "sas", "data_source": signed})
+    assert result.status == "failed"
+    assert "carries a query" in (result.error or "")
+    assert "SUPERSECRETSIG" not in (result.error or "")
+    events = " ".join(str(e) for e in orchestrator.live.events)
+    assert "SUPERSECRETSIG" not in events
+
+
+async def test_the_manifest_names_a_bucket_source_in_one_form(
+        orchestrator: PipelineOrchestrator) -> None:
+    url = bucket_url()
+    fill_bucket(url)
+    odd = url.replace("/exports/2026/", "//exports/./2026")  # same prefix, pasted oddly
+    result = await orchestrator.run_pipeline({"batch_id": "form", "data_source": odd})
+    assert result.status == "success", result.error
+    assert orchestrator.storage_manager.manifest.batch("form").source == url
+
+
+async def test_a_file_that_cannot_be_rebuilt_leaves_no_object_and_no_thread(
+        orchestrator: PipelineOrchestrator, node_registry: Cluster) -> None:
+    url = bucket_url()
+    objects = fill_bucket(url)
+    big = random.Random(9).randbytes(9 * 1024 * 1024 + 3)  # a multipart upload
+    open_store(url).put("large/big.bin", big)
+    result = await orchestrator.run_pipeline({"batch_id": "lossy", "data_source": url})
+    assert result.status == "success", result.error
+    manifest = orchestrator.storage_manager.manifest
+    last = max((r for r in manifest.chunks("lossy") if r.path == "large/big.bin"),
+               key=lambda r: r.index)
+    for node_id in manifest.replicas([last.chunk_id])[last.chunk_id]:
+        await node_registry.client._call(node_registry.nodes[node_id], "fault",
+                                         {"action": "lose", "chunk_id": last.chunk_id})
+    target = f"memory://lossy-{uuid.uuid4().hex[:8]}/"
+    with pytest.raises(RestoreError, match=r"large/big\.bin"):
+        await orchestrator.restore_batch("lossy", target)
+    keys = {info.key for info in open_store(target).list()}
+    assert keys == set(objects)  # every other file, and nothing of the one that failed
+    assert not [t for t in threading.enumerate() if t.name.startswith("restore-upload")]

@@ -471,8 +471,13 @@ def test_a_nodes_own_store_wins_and_unknown_nodes_get_their_clouds(tmp_path: Pat
 
 
 def test_two_nodes_on_one_prefix_are_refused() -> None:
-    config = ClusterConfig(node_stores={"aws": "memory://mc-shared/"},
-                           nodes_per_cloud={"aws": 2, "gcp": 1})
+    # node_stores without {node} is refused by the config itself; two explicit nodes
+    # given one store are caught here.
+    config = ClusterConfig(nodes=[
+        {"id": "aws-node-1", "cloud": "aws", "region": "us-east-1",
+         "store": "memory://mc-shared/"},
+        {"id": "aws-node-2", "cloud": "aws", "region": "us-east-1",
+         "store": "memory://mc-shared/"}])
     with pytest.raises(ConfigError, match="aws-node-1 and aws-node-2 both keep"):
         check_distinct_stores(config.node_specs(), config)
     fine = ClusterConfig(node_stores={"aws": "memory://mc-shared/{node}/"},

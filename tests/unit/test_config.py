@@ -274,3 +274,8 @@ def test_a_node_recorded_on_its_disk_stays_there_when_node_stores_appear() -> No
                           node_stores={"aws": "s3://replicas/{node}/"})
     assert later.store_of(recorded[0]) is None  # its replicas are where they were
     assert later.store_of(later.node_specs()[0]) == "s3://replicas/aws-node-1/"
+
+
+def test_node_stores_without_a_node_placeholder_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"node_stores\.aws .* must contain \{node\}"):
+        ClusterConfig(nodes_per_cloud={"aws": 2}, node_stores={"aws": "s3://replicas/"})

@@ -73,6 +73,13 @@ class StoreUrl:
 def parse_store_url(text: str) -> StoreUrl:
     """The StoreUrl of a bucket URL; ConfigError naming the accepted forms otherwise."""
     parts = urlsplit(text.strip())
+    if parts.query or parts.fragment:
+        # A presigned URL or an Azure SAS: the query is a credential. Never echoed.
+        shown = parts._replace(query="", fragment="").geturl()
+        raise ConfigError(f"bucket URL {shown!r} carries a query (?...): a presigned URL or "
+                          f"a SAS token is a credential, not a location; give the bucket URL "
+                          f"alone and the token as AZURE_STORAGE_SAS_TOKEN (Azure) or the "
+                          f"cloud's usual credentials")
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
     path = unquote(parts.path)

@@ -28,7 +28,7 @@ from multicloud.core.network import Location
 from multicloud.core.runfiles import service_url
 from multicloud.node.service import NodeService
 from multicloud.node.store import ChunkStore
-from multicloud.node.stores import NodeStore, node_spec_for, open_node_store
+from multicloud.node.stores import NodeStore, check_distinct_stores, node_spec_for, open_node_store
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ class NodeServer:
             return ChunkStore(self.data_dir / "nodes" / node_id, self.fsync,
                               owner=f"node {node_id}")
         spec = node_spec_for(self.cluster, node_id, self.cloud, self.region)
+        # The config names every node: refuse one that would share its prefix with another.
+        check_distinct_stores([*self.cluster.node_specs(), spec], self.cluster)
         return open_node_store(spec, self.cluster, self.data_dir, self.fsync)
 
     async def stop(self) -> None:

@@ -318,6 +318,13 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"nodes_per_cloud.{cloud} must be >= 0, got {count}")
             if count and not self.regions.get(cloud):
                 raise ValueError(f"cloud {cloud!r} has nodes but no regions")
+        for cloud, url in sorted(self.node_stores.items()):
+            if "{node}" not in url:
+                # Every node of the cloud under one prefix: their replicas would be one
+                # object, and gc trimming one node's copy would delete every node's.
+                raise ValueError(f"node_stores.{cloud} ({url}) must contain {{node}}, so "
+                                 f"each node keeps its replicas under its own prefix, e.g. "
+                                 f"{url.rstrip('/')}/{{node}}/")
         missing = {"same_region", "cross_region", "cross_cloud"} - set(self.links)
         if missing:
             raise ValueError(f"links is missing {', '.join(sorted(missing))}")

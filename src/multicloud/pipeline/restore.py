@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,7 @@ class BatchRestorer:
         # Uploads block their thread while it waits for chunks fetched on the loop, which
         # needs the default pool's threads to decode them: so uploads get their own.
         uploads = ThreadPoolExecutor(_FILES_AT_ONCE, thread_name_prefix="restore-upload")
+        stopping = threading.Event()  # set when the restore ends: uploads take no more
 
         async def one(entry: FileEntry) -> None:
             chunks = sorted(by_file.get(entry.path, []), key=lambda r: r.index)
@@ -118,6 +120,8 @@ class BatchRestorer:
             def parts() -> Iterator[bytes]:  # on the upload's thread; fetches on the loop
                 ids = []
                 for record in chunks:
+                    if stopping.is_set():  # the restore failed or was cancelled meanwhile
+                        raise RestoreError(f"{display_path(entry.path)}: the restore stopped")
                     raw = asyncio.run_coroutine_threadsafe(
                         self._fetch_chunk(record, replicas.get(record.chunk_id, []), report),
                         loop).result()
@@ -154,7 +158,10 @@ class BatchRestorer:
         except* ConfigError as group:
             raise group.exceptions[0] from None
         finally:
-            uploads.shutdown(wait=False)
+            # Uploads still going (the restore failed or was cancelled) stop at their next
+            # chunk, aborting their multipart upload; none outlives the restore.
+            stopping.set()
+            await asyncio.shield(asyncio.to_thread(uploads.shutdown, wait=True))
         _raise_failures(batch_id, report, failures)
         return report
 

@@ -416,6 +416,17 @@ class BatchSource:
     skipped: list[SkippedEntry]
 
 
+def canonical_source(source: str) -> str:
+    """How a source is named in the manifest, events and messages: a bucket URL in its
+    one canonical form (never a query), a path as given. SourceError for a bad URL."""
+    if not is_store_url(source):
+        return source
+    try:
+        return str(parse_store_url(source))
+    except ConfigError as exc:
+        raise SourceError(f"source: {exc}") from None
+
+
 def survey_source(source: str, options: StoreOptions | None = None, *,
                   follow_symlinks: bool = False) -> BatchSource:
     """List a local or bucket source once (blocking): what a run of it will store."""
@@ -428,17 +439,25 @@ def survey_source(source: str, options: StoreOptions | None = None, *,
         bucket = BucketSource(source, options)
     except ConfigError as exc:
         raise SourceError(f"source {source}: {exc}") from None
-    survey = bucket.survey()
+    try:
+        survey = bucket.survey()
+    except BaseException:
+        bucket.store.close()
+        raise
     return BatchSource(_rewalk(bucket, survey.fingerprint), survey.files, survey.bytes,
                        survey.fingerprint, survey.skipped)
 
 
 def _rewalk(bucket: BucketSource, fingerprint: str) -> Iterator[SourceFile]:
-    """The bucket's files again, checked at the end against the survey's fingerprint."""
+    """The bucket's files again, checked at the end against the survey's fingerprint;
+    the listing's client is let go when the walk ends (or is abandoned)."""
     hasher = ListingHasher()
-    for entry in bucket.files():
-        hasher.add(entry)
-        yield entry
+    try:
+        for entry in bucket.files():
+            hasher.add(entry)
+            yield entry
+    finally:
+        bucket.store.close()
     if hasher.hexdigest() != fingerprint:
         raise SourceChanged(f"the objects under {bucket.url} changed during the run (added, "
                             f"removed or rewritten); run again to store them as they are now")

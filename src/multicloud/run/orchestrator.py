@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from multicloud.blob import load_key
-from multicloud.cloud import is_store_url, open_store
+from multicloud.cloud import is_store_url, open_store, parse_store_url
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core.config import PipelineConfig, load_config
@@ -60,7 +60,7 @@ from multicloud.pipeline.processing import ProcessingWorkerPool
 from multicloud.pipeline.repair import HintReplays, Repairer, RepairReport, RepairsOnFailure
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.restore import BatchRestorer
-from multicloud.pipeline.sources import SourceFile, survey_source
+from multicloud.pipeline.sources import SourceFile, canonical_source, survey_source
 from multicloud.pipeline.storage import StorageManager
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
 from multicloud.run.live import LiveView, ProgressListener
@@ -188,6 +188,7 @@ class PipelineOrchestrator:
         renewal: asyncio.Task[None] | None = None
         try:
             source, cloud = self.ingestion_engine.resolve(batch_config)
+            source = canonical_source(source)
             force = bool(batch_config.get("force_cross_cloud", False))
             listing = await asyncio.to_thread(
                 survey_source, source, self.config.cluster.store_options(source),
@@ -346,6 +347,7 @@ class PipelineOrchestrator:
         URL (s3://, gs://, az://...) the files become objects under."""
         dest = str(dest_dir)
         if is_store_url(dest):
+            dest = str(parse_store_url(dest))  # one form, no query, for the options' lookup
             store = await asyncio.to_thread(open_store, dest,
                                             self.config.cluster.store_options(dest))
             try:

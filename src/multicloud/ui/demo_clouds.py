@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -53,8 +55,7 @@ async def cloud_stage(out: Console, workdir: Path, dataset: Path,
                       config: PipelineConfig) -> AsyncIterator[CloudStage]:
     """Emulators up, buckets made, the dataset in the source bucket; all undone on exit."""
     with out.status("starting the S3, GCS and Azure Blob emulators on 127.0.0.1 ..."):
-        emulators = await asyncio.to_thread(start_emulators, ("s3", "gs", "az"),
-                                             workdir / "emulator-logs")
+        emulators = await _start(workdir / "emulator-logs")
     try:
         with environment(emulator_env(emulators.values())):
             for emulator in emulators.values():
@@ -67,6 +68,31 @@ async def cloud_stage(out: Console, workdir: Path, dataset: Path,
             yield CloudStage(SOURCE_URL, RESTORE_URL, _cloud_config(config))
     finally:
         await asyncio.to_thread(stop_emulators, emulators.values())
+
+
+async def _start(log_dir: Path) -> dict[EmulatorKind, Emulator]:
+    """The three emulators, started on a thread; a Ctrl-C meanwhile stops them whenever
+    they come up (the thread cannot be interrupted, and nobody else would stop them)."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"abandoned": False, "started": None}
+
+    def start() -> dict[EmulatorKind, Emulator]:
+        started = start_emulators(("s3", "gs", "az"), log_dir)
+        with lock:
+            if state["abandoned"]:
+                stop_emulators(started.values())
+            state["started"] = started
+        return started
+
+    try:
+        return await asyncio.to_thread(start)
+    except asyncio.CancelledError:
+        with lock:
+            state["abandoned"] = True
+            started = state["started"]
+        if started is not None:  # up just before the cancel reached us
+            stop_emulators(started.values())
+        raise
 
 
 def _cloud_config(config: PipelineConfig) -> PipelineConfig:
