@@ -41,14 +41,13 @@ from google.cloud.storage.exceptions import (  # type: ignore[import-untyped]
     InvalidResponse,
 )
 
-from multicloud.cloud.objects import Buffer, ObjectInfo, ObjectStore, redact
+from multicloud.cloud.objects import Buffer, MapErrors, ObjectInfo, ObjectStore, redact
 from multicloud.cloud.urls import StoreUrl
 from multicloud.core.config import StoreOptions
 from multicloud.core.errors import (
     CloudAuthError,
     CloudError,
     ConfigError,
-    MulticloudError,
     ObjectChanged,
     ObjectExists,
     ObjectMissing,
@@ -262,25 +261,9 @@ class GcsStore(ObjectStore):
             version=None if blob.generation is None else str(blob.generation),
             mtime=updated.timestamp() if updated is not None else 0.0)
 
-    def _errors(self, where: str) -> _MapErrors:
-        return _MapErrors(where)
-
-
-class _MapErrors:
-    """Maps the exceptions of google's client (and of requests under it) into the tree."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if exc is None or not isinstance(exc, Exception) or isinstance(
-                exc, MulticloudError | _PartsFailed):
-            return
-        raise map_gcs_error(exc, self.where) from None
+    def _errors(self, where: str) -> MapErrors:
+        # _PartsFailed carries the caller's own error out of an upload: put_parts unwraps it.
+        return MapErrors(where, map_gcs_error, passing=(_PartsFailed,))
 
 
 def map_gcs_error(exc: BaseException, where: str) -> CloudError | ConfigError:

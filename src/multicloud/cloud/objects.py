@@ -16,11 +16,12 @@ from __future__ import annotations
 import abc
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from multicloud.cloud.urls import StoreUrl
 from multicloud.core.config import StoreOptions
+from multicloud.core.errors import MulticloudError
 
 Buffer = bytes | memoryview
 
@@ -113,3 +114,33 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
+
+
+ErrorMapper = Callable[[BaseException, str], MulticloudError]
+
+
+class MapErrors:
+    """A with block whose client failures are raised again as the tree's errors.
+
+    `mapper(exc, where)` makes the error (`where` names the store URL and key). The tree's
+    own errors pass as they are, as do the `passing` types and BaseExceptions that are
+    not Exceptions (Ctrl-C, a generator closing), except obstore's PanicException, which
+    is a BaseException and still a failure of the client.
+    """
+
+    def __init__(self, where: str, mapper: ErrorMapper,
+                 passing: tuple[type[BaseException], ...] = ()) -> None:
+        self.where = where
+        self.mapper = mapper
+        self.passing = passing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc is None or isinstance(exc, (MulticloudError, *self.passing)):
+            return
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            return
+        raise self.mapper(exc, self.where) from None

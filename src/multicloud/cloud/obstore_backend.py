@@ -33,7 +33,7 @@ import obstore
 from obstore import exceptions as obx
 from obstore.store import AzureStore, MemoryStore, S3Store
 
-from multicloud.cloud.objects import Buffer, ObjectInfo, ObjectStore, redact
+from multicloud.cloud.objects import Buffer, MapErrors, ObjectInfo, ObjectStore, redact
 from multicloud.cloud.urls import StoreUrl
 from multicloud.core.config import StoreOptions
 from multicloud.core.errors import (
@@ -147,27 +147,8 @@ class ObstoreStore(ObjectStore):
                           version=_quoted(meta.get("e_tag")),
                           mtime=modified.timestamp() if modified else 0.0)
 
-    def _errors(self, key: str) -> _MapErrors:
-        return _MapErrors(f"{self.url}{key}")
-
-
-class _MapErrors:
-    """Maps obstore's exceptions (and a PanicException, a BaseException) into the tree."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if exc is None or isinstance(exc, CloudError | ConfigError | GeneratorExit
-                                     | KeyboardInterrupt | SystemExit):
-            return
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            return
-        raise map_obstore_error(exc, self.where) from None
+    def _errors(self, key: str) -> MapErrors:
+        return MapErrors(f"{self.url}{key}", map_obstore_error)
 
 
 def map_obstore_error(exc: BaseException, where: str) -> CloudError | ConfigError:

@@ -288,16 +288,6 @@ def source_fingerprint(files: Iterable[SourceFile]) -> str:
     return hasher.hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class BucketSurvey:
-    """One walk of a bucket source: what the batch is, without holding its listing."""
-
-    files: int
-    bytes: int
-    fingerprint: str
-    skipped: list[SkippedEntry]
-
-
 _SKIPPED_KEPT = 1000  # skipped keys reported by name; more are only counted
 
 
@@ -316,16 +306,24 @@ class BucketSource:
         """The cloud the bucket lives in."""
         return self.url.cloud
 
-    def survey(self) -> BucketSurvey:
-        """Walk the listing once: count, bytes, fingerprint and the keys left out."""
+    def survey(self) -> BatchSource:
+        """Walk the listing once (count, bytes, fingerprint, the keys left out); the
+        source's `files` walk it again, checked against this walk at their end."""
         hasher = ListingHasher()
         skipped: list[SkippedEntry] = []
-        for entry in self.files(skipped):
-            hasher.add(entry)
+        try:
+            for entry in self.files(skipped):
+                hasher.add(entry)
+        except BaseException:
+            self.store.close()
+            raise
         if hasher.files == 0 and not skipped:
+            self.store.close()
             raise SourceError(f"source {self.url} holds no objects: check the bucket and "
                               f"prefix")
-        return BucketSurvey(hasher.files, hasher.bytes, hasher.hexdigest(), skipped)
+        fingerprint = hasher.hexdigest()
+        return BatchSource(_rewalk(self, fingerprint), hasher.files, hasher.bytes,
+                           fingerprint, skipped)
 
     def files(self, skipped: list[SkippedEntry] | None = None) -> Iterator[SourceFile]:
         """Every object as a SourceFile, page by page; keys that cannot be file paths go
@@ -439,13 +437,7 @@ def survey_source(source: str, options: StoreOptions | None = None, *,
         bucket = BucketSource(source, options)
     except ConfigError as exc:
         raise SourceError(f"source {source}: {exc}") from None
-    try:
-        survey = bucket.survey()
-    except BaseException:
-        bucket.store.close()
-        raise
-    return BatchSource(_rewalk(bucket, survey.fingerprint), survey.files, survey.bytes,
-                       survey.fingerprint, survey.skipped)
+    return bucket.survey()
 
 
 def _rewalk(bucket: BucketSource, fingerprint: str) -> Iterator[SourceFile]:
