@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 import aiohttp
 
 from multicloud.control.registry import GIB, NodeRegistry, WorkerNode
+from multicloud.core import clock
 from multicloud.core.auth import auth_header
 from multicloud.core.config import NodeSpec
 from multicloud.core.errors import ClusterError
@@ -73,7 +73,7 @@ def _heard_since(node: WorkerNode, view: dict[str, Any]) -> bool:
     age = view.get("last_heartbeat_age_s")
     if node.unhealthy_since is None or age is None:
         return node.unhealthy_since is None
-    return time.monotonic() - float(age) > node.unhealthy_since
+    return clock.monotonic() - float(age) > node.unhealthy_since
 
 
 class RegistryCatalog:

@@ -9,10 +9,10 @@ service's heartbeats (mirrored by `multicloud.control.membership`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from multicloud.core import clock
 from multicloud.core.config import ClusterConfig, NodeSpec
 from multicloud.core.errors import ClusterError
 from multicloud.core.messages import NodeAddress
@@ -39,7 +39,7 @@ class WorkerNode:
         self.consecutive_failures = 0
         self.used_bytes = 0  # bytes of replicas the manifest records on this node
         self.full = False  # its disk said no room for a write: no new replicas for now
-        self.unhealthy_since: float | None = None  # time.monotonic() of the last failure
+        self.unhealthy_since: float | None = None  # clock.monotonic() of the last failure
         self._status = NodeStatus.HEALTHY
         self._registry: NodeRegistry | None = None
 
@@ -79,7 +79,7 @@ class WorkerNode:
             self.consecutive_failures = 0
             self.unhealthy_since = None
         elif old is not new:
-            self.unhealthy_since = time.monotonic()
+            self.unhealthy_since = clock.monotonic()
         if old is not new and self._registry is not None:
             self._registry.notify(self, old, reason)
 

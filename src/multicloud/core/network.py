@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from multicloud.core import clock
 from multicloud.core.config import ClusterConfig, LinkProfile
 
 LinkKind = Literal["same_region", "cross_region", "cross_cloud"]
@@ -176,7 +176,7 @@ class LinkEmulator:
         """Reserve sender's pipe on link for nbytes; the seconds from now until they arrive."""
         if self.time_scale <= 0:
             return 0.0
-        now = time.monotonic()
+        now = clock.monotonic()
         key = (sender, link.name)
         start = max(now, self._free_at.get(key, now))
         busy = nbytes / link.bandwidth_bps * self.time_scale

@@ -42,6 +42,10 @@ class NodeFaults:
         """Crash in the middle of the nth write from now."""
         self._crash_on_write = max(nth, 1)
 
+    def disarm(self) -> None:
+        """Cancel a crash in the middle of a write that has not come yet."""
+        self._crash_on_write = None
+
     def write_crashes_now(self) -> bool:
         """Count one write; True when it is the one to crash in."""
         if self._crash_on_write is None:

@@ -24,12 +24,12 @@ Catalogue (every event also has `ts`, `level`, `event` and `batch_id` in the log
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from multicloud.core import clock
 from multicloud.core.units import display_path, is_utf8
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ EVENT_KINDS = ("pipeline_started", "files_skipped", "stage_complete", "records_i
 class PipelineEvent:
     """Something worth showing an operator: a node failure, a repair, a finished stage."""
 
-    at: float  # time.time()
+    at: float  # clock.wall()
     kind: str  # one of EVENT_KINDS
     detail: str  # one human-readable line
     batch_id: str | None = None
@@ -81,7 +81,7 @@ class EventBus:
     def emit(self, kind: str, detail: str, *, batch_id: str | None = None,
              level: str = "info", **fields: Any) -> PipelineEvent:
         """Record an event and hand it to every sink."""
-        event = PipelineEvent(time.time(), kind, detail, batch_id, level, fields)
+        event = PipelineEvent(clock.wall(), kind, detail, batch_id, level, fields)
         self.recent.append(event)
         # The detail may name a file whose bytes are not UTF-8: a handler writing strict
         # UTF-8 (a log file) would fail on it, so the log gets the escaped form.

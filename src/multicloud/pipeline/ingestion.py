@@ -21,7 +21,6 @@ import asyncio
 import csv
 import hashlib
 import itertools
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from multicloud.core import clock
 from multicloud.core.config import IngestionConfig
 from multicloud.core.errors import SourceError
 from multicloud.core.types import Chunk, FileEntry
@@ -277,7 +277,7 @@ class DataIngestionEngine:
     async def _complete(self, piece: _Piece,
                         task: asyncio.Task[tuple[bytes | memoryview, str, str]],
                         source_cloud: str, progress: dict[str, _FileProgress]) -> Chunk:
-        started = time.perf_counter()
+        started = clock.monotonic()
         source_file = piece.file
         try:
             data, chunk_id, raw_xxh3 = await task
@@ -298,7 +298,7 @@ class DataIngestionEngine:
         prefix = state.carry if piece.index > 0 else None
         if fmt is not None:
             state.carry = line_carry(prefix if piece.index > 0 else b"", data)
-        self.metrics.success("ingestion", piece.length, time.perf_counter() - started)
+        self.metrics.success("ingestion", piece.length, clock.monotonic() - started)
         self.stats.chunks += 1
         self.stats.bytes += piece.length
         at_end = piece.offset + piece.length >= source_file.size

@@ -7,12 +7,12 @@ the profiler compares to find the bottleneck.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from multicloud.core import clock
 from multicloud.core.types import Stage
 
 STAGES = [s.value for s in Stage]
@@ -105,7 +105,7 @@ class PipelineMetrics:
         self.stages = {s: StageCounters() for s in STAGES}
         self.replicas = ReplicaStats()
         self.invalid_chunks = {}
-        self.started = time.perf_counter()
+        self.started = clock.monotonic()
 
     def quarantine(self, record: QuarantinedRecord) -> bool:
         """Note a chunk stored with an invalid record; False if it was noted already (a chunk
@@ -148,18 +148,18 @@ class PipelineMetrics:
         """Count the enclosed time as busy time of stage (overlaps merge)."""
         counters = self.stages[stage]
         if counters.active == 0:
-            counters.busy_since = time.perf_counter()
+            counters.busy_since = clock.monotonic()
         counters.active += 1
         try:
             yield
         finally:
             counters.active -= 1
             if counters.active == 0:
-                counters.busy_seconds += time.perf_counter() - counters.busy_since
+                counters.busy_seconds += clock.monotonic() - counters.busy_since
 
     def get_stage_breakdown(self) -> dict[str, float]:
         """Stage -> busy seconds so far."""
-        now = time.perf_counter()
+        now = clock.monotonic()
         return {
             name: c.busy_seconds + (now - c.busy_since if c.active else 0.0)
             for name, c in self.stages.items()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import TypeVar
 from multicloud.blob.validate import InvalidRecord
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
+from multicloud.core import clock
 from multicloud.core.config import ProcessingConfig
 from multicloud.core.errors import (
     ClusterError,
@@ -198,7 +198,7 @@ class ProcessingWorkerPool:
         one attempt of the stage.
         """
         self.metrics.attempt("processing")
-        started = time.perf_counter()
+        started = clock.monotonic()
         self._load[node.id] += 1
         try:
             with self.metrics.busy("processing"):
@@ -211,14 +211,14 @@ class ProcessingWorkerPool:
             self.on_event("chunk_failed", str(exc), level="error", file=chunk.file,
                           index=chunk.index, chunk_id=chunk.chunk_id, stage="processing",
                           error=str(exc))
-            return ProcessedChunk(chunk, node.id, None, time.perf_counter() - started,
+            return ProcessedChunk(chunk, node.id, None, clock.monotonic() - started,
                                   error=str(exc))
         except NODE_FAILURES:
             self.metrics.failure("processing")
             raise
         finally:
             self._load[node.id] -= 1
-        latency = time.perf_counter() - started
+        latency = clock.monotonic() - started
         if not chunk.chunk_id:  # read from a bucket by the node, which found its id
             chunk.chunk_id = outcome.blob.chunk_id
         self.metrics.success("processing", chunk.size_bytes, latency)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
+from multicloud.core import clock
 from multicloud.core.config import DistributionConfig
 from multicloud.core.errors import (
     DiskFull,
@@ -49,7 +49,7 @@ class ReplicaWriter:
         """Have src push blob to dst; the ack once dst verified it and made it durable."""
         link = f"{src.location}->{dst.location}"
         timeout = self.timeouts.timeout(link, blob.blob_size)
-        started = time.perf_counter()
+        started = clock.monotonic()
         try:
             ack = await self._attempt(src, dst, blob, timeout)
         except ReplicaRefused as exc:
@@ -69,7 +69,7 @@ class ReplicaWriter:
         self.cluster.record_success(dst.id)
         dst.used_bytes += ack.blob_size
         if src.id != dst.id:
-            elapsed = time.perf_counter() - started
+            elapsed = clock.monotonic() - started
             self.timeouts.observe(link, elapsed, blob.blob_size)
             replicas.link_latencies.setdefault(link, []).append(elapsed)
         return ack

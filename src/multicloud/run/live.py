@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from multicloud.control.registry import NodeRegistry
+from multicloud.core import clock
 from multicloud.core.network import LinkTraffic, TrafficLedger
 from multicloud.core.types import PipelineStatus
 from multicloud.pipeline.events import EventBus, EventSink, PipelineEvent
@@ -122,7 +122,7 @@ class LiveView:
         self.total_bytes = self.committed_bytes = self.committed_chunks = 0
         self.node_failures_handled = 0
         self.timeline = []
-        self._started = time.perf_counter()
+        self._started = clock.monotonic()
         self._finished = None
 
     def committed(self, nbytes: int) -> None:
@@ -141,7 +141,7 @@ class LiveView:
         """The run ended (completed or failed); waiters are released either way."""
         self.status = status
         self.stage = None
-        self._finished = time.perf_counter()
+        self._finished = clock.monotonic()
         self._wake_waiters(force=True)
 
     def emit(self, kind: str, detail: str, *, level: str = "info", **fields: Any) -> None:
@@ -169,7 +169,7 @@ class LiveView:
         """Seconds since the current (or last) run started."""
         if self._started is None:
             return 0.0
-        return (self._finished or time.perf_counter()) - self._started
+        return (self._finished or clock.monotonic()) - self._started
 
     @property
     def throughput_mb_s(self) -> float:
