@@ -318,26 +318,30 @@ def test_hints_survive_a_reopen(tmp_path: Path) -> None:
 # -- what gc may not take -----------------------------------------------------------------
 
 
-def test_referenced_chunk_ids_are_success_and_live_runs(
+def test_referenced_chunk_ids_are_every_recorded_batch(
         manifest: Manifest, sleeper: subprocess.Popen[bytes]) -> None:
+    # A batch that did not finish keeps its committed chunks: the same command resumes
+    # from them, so gc must not take them; only `delete` lets them go.
     done = stored(manifest, "done", b"done")
     manifest.add_blob(BlobInfo(cid(b"manifest-of-done"), 10, 20, "c" * 32, "zstd"))
     manifest.set_manifest_object("done", cid(b"manifest-of-done"))
     live = stored(manifest, "live", b"live", owner=owner_with_pid(sleeper.pid), status=None)
-    stored(manifest, "interrupted", b"interrupted", status="interrupted")
-    stored(manifest, "failed", b"failed", status="failed")
-    stored(manifest, "dead", b"dead", owner="gone-host:1:x", status=None)
+    interrupted = stored(manifest, "interrupted", b"interrupted", status="interrupted")
+    failed = stored(manifest, "failed", b"failed", status="failed")
+    dead = stored(manifest, "dead", b"dead", owner="gone-host:1:x", status=None)
     _set_heartbeat(manifest.path, "dead", 1000.0)  # running, but its holder is gone
+    everything = {done, cid(b"manifest-of-done"), live, interrupted, failed, dead}
 
     ids, live_run = manifest.referenced_chunk_ids()
-    assert ids == {done, cid(b"manifest-of-done"), live}
+    assert ids == everything
     assert live_run
 
     sleeper.kill()
     sleeper.wait(timeout=30)
-    ids, live_run = manifest.referenced_chunk_ids()
-    assert ids == {done, cid(b"manifest-of-done")}
-    assert not live_run
+    assert manifest.referenced_chunk_ids() == (everything, False)
+    for batch_id in ("interrupted", "failed", "dead"):
+        manifest.delete_batch(batch_id)
+    assert manifest.referenced_chunk_ids() == ({done, cid(b"manifest-of-done"), live}, False)
 
 
 def test_a_chunk_shared_with_an_interrupted_batch_stays_referenced(manifest: Manifest) -> None:

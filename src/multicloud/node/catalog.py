@@ -4,6 +4,8 @@ Every node keeps the whole list (it is small: one entry per batch), so any clien
 reach one node can find every batch and rebuild its manifest from the replicas. Entries
 are JSON named by a hash of the batch id; a newer entry (by `updated_at`) replaces an
 older one, and a deleted batch keeps a tombstone so a lagging node cannot bring it back.
+A tombstone wins a tie (see `precedence`): clocks of two machines, or a simulated one,
+can stamp a delete and the success it deletes alike.
 
 The entries live where the node's replicas do: files under `<root>/catalog/` beside an
 on-disk chunk store (written durably: temp file, fsync, rename), or objects under
@@ -41,13 +43,21 @@ from multicloud.core.errors import (
     storage_error,
 )
 
-__all__ = ["CATALOG_PREFIX", "CatalogStore"]
+__all__ = ["CATALOG_PREFIX", "CatalogStore", "precedence"]
 
 CATALOG_PREFIX = "catalog/"
 # A create-only put that finds an entry (another writer got in first) reads and compares
 # again; past this many rounds the store is not settling and the put fails.
 _CREATE_ROUNDS = 3
 
+
+
+def precedence(entry: dict[str, Any]) -> tuple[float, int]:
+    """How entries of one batch order: by updated_at, a tombstone after a success entry
+    stamped the same (a delete wins the tie, as Cassandra's tombstones do)."""
+    updated = entry.get("updated_at", 0)
+    return (float(updated) if isinstance(updated, int | float) else 0.0,
+            1 if entry.get("status") == "deleted" else 0)
 
 class CatalogStore:
     """Batch entries, one file or object each, in a directory or a bucket; blocking (call
@@ -83,7 +93,7 @@ class CatalogStore:
         with self._lock:
             for _ in range(_CREATE_ROUNDS):
                 current, present = self._entries.read(name, what)
-                if current is not None and current.get("updated_at", 0) >= updated:
+                if current is not None and precedence(current) >= precedence(entry):
                     return False
                 try:
                     # Create-only where nothing is there yet: a writer that got in first is

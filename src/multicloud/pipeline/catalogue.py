@@ -17,22 +17,25 @@ import contextlib
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from multicloud.blob import TransformChain, decode_blob
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
+from multicloud.core import clock
 from multicloud.core.config import DistributionConfig, ProcessingConfig
 from multicloud.core.errors import (
+    ChunkNotFound,
     ClusterError,
+    IntegrityError,
     MulticloudError,
     QuorumNotReached,
     StorageError,
 )
 from multicloud.core.network import Location
 from multicloud.core.types import BlobInfo, Chunk
+from multicloud.node.catalog import precedence
 from multicloud.pipeline.manifest import Manifest
 from multicloud.pipeline.placement import NetworkAwarePlacement, spread_short
 from multicloud.pipeline.storage import ANY_NODE
@@ -49,6 +52,8 @@ class RecoverReport:
     batches: list[str] = field(default_factory=list)  # recovered, newest first
     deleted: list[str] = field(default_factory=list)  # tombstones honoured
     failed: dict[str, str] = field(default_factory=dict)  # batch id -> why
+    # Of failed: every holder of the manifest answered, and none had it intact.
+    lost: list[str] = field(default_factory=list)
     nodes_asked: int = 0
     nodes_answered: int = 0
 
@@ -56,6 +61,15 @@ class RecoverReport:
         """A JSON-ready view."""
         return {"batches": self.batches, "deleted": self.deleted, "failed": self.failed,
                 "nodes_asked": self.nodes_asked, "nodes_answered": self.nodes_answered}
+
+
+class ManifestUnreadable(StorageError):
+    """No holder of a batch manifest gave an intact copy; `lost` when every holder was
+    reached and none had one (rather than some being down or cut off)."""
+
+    def __init__(self, message: str, *, lost: bool) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 def _when(entry: dict[str, Any]) -> float:
@@ -96,7 +110,7 @@ class Catalogue:
         await asyncio.to_thread(self._record_object, batch_id, info, holders)
         entry = {"batch_id": batch_id, "status": "success", "manifest_object": info.chunk_id,
                  "blob": info.to_json(), "holders": holders, "source": record.source,
-                 "created_at": record.created_at, "updated_at": time.time()}
+                 "created_at": record.created_at, "updated_at": clock.wall()}
         await self._announce(entry)
         return info.chunk_id
 
@@ -113,7 +127,7 @@ class Catalogue:
     async def forget(self, batch_id: str) -> int:
         """Leave a tombstone for a deleted batch on every healthy node; nodes told."""
         return await self._announce({"batch_id": batch_id, "status": "deleted",
-                                     "updated_at": time.time()})
+                                     "updated_at": clock.wall()})
 
     def _encode(self, raw: bytes) -> tuple[bytes, BlobInfo]:
         chunk_id = hashlib.sha256(raw).hexdigest()
@@ -131,18 +145,28 @@ class Catalogue:
                                                      size_bytes=info.blob_size)
         # Sent from the batch's source cloud, where the run's plan and records live.
         origin = self._location(cloud)
-        results = await asyncio.gather(
-            *(self.cluster.client.write(self.cluster.get(t), info, blob, origin)
-              for t in targets), return_exceptions=True)
-        holders = []
-        for target, outcome in zip(targets, results, strict=True):
-            if isinstance(outcome, MulticloudError):
-                log.warning("batch manifest %s not stored on %s: %s", info.chunk_id[:12],
-                            target, outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                holders.append(target)
+        # A target that fails is replaced by the next healthy node, as a chunk's is: one
+        # node down must not fail a batch whose every chunk committed.
+        spare = [n.id for n in self.cluster.healthy_nodes() if n.id not in targets]
+        holders: list[str] = []
+        tried: list[str] = []
+        batch = list(targets)
+        while batch:
+            tried += batch
+            results = await asyncio.gather(
+                *(self.cluster.client.write(self.cluster.get(t), info, blob, origin)
+                  for t in batch), return_exceptions=True)
+            for target, outcome in zip(batch, results, strict=True):
+                if isinstance(outcome, MulticloudError):
+                    log.warning("batch manifest %s not stored on %s: %s", info.chunk_id[:12],
+                                target, outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    holders.append(target)
+            short = wanted - len(holders)
+            batch, spare = spare[:short], spare[short:]
+        targets = tried
         if len(holders) < self.distribution.write_quorum:
             raise QuorumNotReached(
                 f"the batch manifest reached {len(holders)} of {len(targets)} nodes, "
@@ -215,7 +239,7 @@ class Catalogue:
                 batch_id = entry.get("batch_id")
                 if not isinstance(batch_id, str):
                     continue
-                if entry.get("updated_at", 0) > newest.get(batch_id, {}).get("updated_at", -1):
+                if batch_id not in newest or precedence(entry) > precedence(newest[batch_id]):
                     newest[batch_id] = entry
         if report is not None:
             report.nodes_asked, report.nodes_answered = len(sources), answered
@@ -247,6 +271,8 @@ class Catalogue:
                 continue
             except MulticloudError as exc:
                 report.failed[batch_id] = str(exc)
+                if isinstance(exc, ManifestUnreadable) and exc.lost:
+                    report.lost.append(batch_id)
                 log.error("batch %s could not be recovered: %s", batch_id, exc)
                 continue
             report.batches.insert(0, batch_id)
@@ -262,16 +288,36 @@ class Catalogue:
         """
         await self.publish_missing()
         report = await self.recover()
+        await self.republish_unreadable(report)
         if report.failed or report.nodes_answered < report.nodes_asked:
             unread = ", ".join(f"{b} ({why})" for b, why in sorted(report.failed.items()))
+            lost = " ".join(f"`multicloud delete {b}`" for b in sorted(report.lost))
             raise ClusterError(
                 "gc needs every batch the cluster knows, and "
                 + (f"could not read {unread}" if unread else
                    f"only {report.nodes_answered} of {report.nodes_asked} nodes listed "
                    f"their catalog")
                 + "; nothing was deleted: bring the nodes back (or give this machine the "
-                  "encryption key) and run gc again")
+                  "encryption key) and run gc again"
+                + (f"; a manifest corrupt or gone on every node that held it cannot come "
+                   f"back: give its batch up with {lost}" if lost else ""))
         return report
+
+    async def republish_unreadable(self, report: RecoverReport) -> list[str]:
+        """Publish again, from this cache, the completed batches it knows whose manifest
+        object is lost (every holder answered, none had it intact: bit rot or loss on all
+        of them): a new object, the old one left for gc. A manifest whose holders are only
+        unreachable is not lost, and stays failed. They leave report.failed; their ids."""
+        records = {r.batch_id: r for r in await asyncio.to_thread(self.manifest.batches)}
+        again = [b for b in sorted(report.lost)
+                 if b in records and records[b].status == "success"]
+        for batch_id in again:
+            await self.publish(batch_id, records[batch_id].result or {
+                "status": "success", "batch_id": batch_id})
+            del report.failed[batch_id]
+            log.warning("published batch %s's manifest again: no node could read it",
+                        batch_id)
+        return again
 
     async def _recover_one(self, entry: dict[str, Any],
                            inventories: dict[str, set[str]]) -> None:
@@ -302,10 +348,13 @@ class Catalogue:
             self.manifest.delete_batch(batch_id)
 
     async def _fetch(self, info: BlobInfo, holders: list[str]) -> dict[str, Any]:
+        """The manifest behind info, from the first holder with an intact copy."""
         problems = []
+        unreachable = not holders
         for node_id in holders:
             node = self.cluster.nodes.get(node_id)
             if node is None or not node.healthy:
+                unreachable = True
                 continue
             try:
                 blob = await self.cluster.client.read(node, info.chunk_id, self.location)
@@ -314,10 +363,14 @@ class Catalogue:
                 if not isinstance(data, dict):
                     raise StorageError("not a JSON object")
                 return data
-            except (ClusterError, StorageError, ValueError) as exc:
+            except (IntegrityError, ChunkNotFound, ValueError) as exc:
                 problems.append(f"{node_id}: {exc}")
-        raise StorageError(f"no replica of manifest {info.chunk_id[:12]} could be read "
-                           f"({'; '.join(problems) or 'no healthy holder'})")
+            except (ClusterError, StorageError) as exc:
+                unreachable = True
+                problems.append(f"{node_id}: {exc}")
+        raise ManifestUnreadable(f"no replica of manifest {info.chunk_id[:12]} could be read "
+                                 f"({'; '.join(problems) or 'no healthy holder'})",
+                                 lost=not unreachable)
 
     async def _inventories(self) -> dict[str, set[str]]:
         nodes: list[WorkerNode] = self.cluster.healthy_nodes()

@@ -6,10 +6,11 @@ node can take a good copy), and then has the `Repairer` bring each chunk back to
 `replication_factor` from the replicas that verified: what Cassandra's repair and HDFS's
 block scanner do, on demand or on a schedule.
 
-`collect_garbage` removes objects no completed or live batch references, and trims
-replicas above the replication factor. While a run is live, an object younger than the
-grace period is never taken (the run may not have recorded it yet); with no run in
-progress every unreferenced object goes at once. Each delete is conditional on the
+`collect_garbage` removes objects no recorded batch references (a deleted batch's, those
+a cancelled write left behind; an unfinished batch keeps its committed chunks for its
+resume), and trims replicas above the replication factor. While a run is live, an object
+younger than the grace period is never taken (the run may not have recorded it yet); with
+no run in progress every unreferenced object goes at once. Each delete is conditional on the
 object's age *on the node*, so a run that writes an object again while gc works keeps it.
 """
 

@@ -21,13 +21,13 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from multicloud.core import clock
 from multicloud.core.errors import (
     BatchExists,
     BatchLeased,
@@ -207,8 +207,8 @@ class Manifest:
                 "  finished_at = NULL, result = NULL, seq = excluded.seq,"
                 "  fingerprint = excluded.fingerprint, owner = excluded.owner,"
                 "  heartbeat_at = excluded.heartbeat_at, manifest_object = NULL",
-                (batch_id, db_path(source), source_cloud, time.time(), fingerprint, owner,
-                 time.time()),
+                (batch_id, db_path(source), source_cloud, clock.wall(), fingerprint, owner,
+                 clock.wall()),
             )
             return mode
 
@@ -218,7 +218,7 @@ class Manifest:
         with self._transaction(write=True) as conn:
             cursor = conn.execute(
                 "UPDATE batches SET heartbeat_at = ? WHERE batch_id = ? AND owner = ?"
-                " AND status = 'running'", (time.time(), batch_id, owner))
+                " AND status = 'running'", (clock.wall(), batch_id, owner))
             return cursor.rowcount > 0
 
     def set_manifest_object(self, batch_id: str, chunk_id: str) -> None:
@@ -362,7 +362,7 @@ class Manifest:
             cursor = conn.execute(
                 "UPDATE batches SET status = ?, finished_at = ?, result = ?, owner = ''"
                 " WHERE batch_id = ?" + fence,
-                (status, time.time(), text, batch_id, *(() if owner is None else (owner,))),
+                (status, clock.wall(), text, batch_id, *(() if owner is None else (owner,))),
             )
             if not cursor.rowcount:
                 raise BatchLeased(f"batch {batch_id!r} is no longer this run's: another run "
@@ -509,17 +509,19 @@ class Manifest:
     # -- what gc may not take -------------------------------------------------------------
 
     def referenced_chunk_ids(self) -> tuple[set[str], bool]:
-        """Chunk ids of completed and live-running batches (their manifests included), and
-        whether a live run is in progress (its fresh writes may not be recorded yet)."""
+        """Chunk ids of every batch still recorded (their manifests included), and whether
+        a live run is in progress (its fresh writes may not be recorded yet).
+
+        A batch that did not finish (killed, interrupted, failed) keeps its chunks: they
+        were committed, and the same command resumes from them. Only `delete` lets them go.
+        """
         with self._transaction(write=False) as conn:
             batches = [batch_record(row) for row in
                        conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches").fetchall()]
-            keep = [b.batch_id for b in batches if b.status == "success" or b.lease_live]
             ids: set[str] = {b.manifest_object for b in batches
                              if b.status == "success" and b.manifest_object}
-            for batch_id in keep:
-                ids.update(row[0] for row in conn.execute(
-                    "SELECT DISTINCT chunk_id FROM file_chunks WHERE batch_id = ?", (batch_id,)))
+            ids.update(row[0] for row in conn.execute(
+                "SELECT DISTINCT chunk_id FROM file_chunks"))
         return ids, any(b.lease_live for b in batches)
 
     def forget_chunks(self, chunk_ids: list[str]) -> None:
@@ -558,7 +560,7 @@ class Manifest:
             "batch": {"batch_id": record.batch_id, "status": status or record.status,
                       "source": record.source, "source_cloud": record.source_cloud,
                       "created_at": record.created_at,
-                      "finished_at": record.finished_at or time.time(),
+                      "finished_at": record.finished_at or clock.wall(),
                       "fingerprint": record.fingerprint,
                       "result": record.result if result is None else result},
             "files": sorted([f.path, f.size, f.chunk_count, f.digest, f.mode, f.mtime_ns,

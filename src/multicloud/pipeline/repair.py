@@ -402,16 +402,21 @@ class RepairsOnFailure:
             return  # marked from outside the event loop: the final repair covers it
         task = loop.create_task(self._repair(node_id))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        # A repair that failed before anyone settled it is still heard of, once.
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("repair after a node failure failed: %s (the final repair pass "
+                        "covers its chunks)", error)
 
     async def settle(self) -> None:
         """Wait for every repair started so far (a failed one is logged: the final pass
         covers its chunks)."""
         while self._tasks:
-            for outcome in await asyncio.gather(*list(self._tasks), return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    log.warning("repair after a node failure failed: %s (the final repair "
-                                "pass covers its chunks)", outcome)
+            # Failures are logged by _done, as each task ends.
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _repair(self, node_id: str) -> None:
         await self.storage.flush()

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from multicloud.core import clock
 from multicloud.core.config import DistributionConfig, StorageConfig
 from multicloud.core.errors import StorageError
 from multicloud.core.types import BlobInfo, Chunk, DistributedChunk, ReplicaAck, StoredChunk
@@ -73,6 +73,7 @@ class StorageManager:
         self.metrics = metrics or PipelineMetrics()
         self.batch_id: str | None = None
         self.chunk_ids: set[str] = set()
+        self._blobs: dict[str, BlobInfo] = {}  # chunk id -> blob, of this batch's commits
         self._pending_chunks: list[tuple[Chunk, BlobInfo]] = []
         self._pending_replicas: list[tuple[str, str]] = []
         self._flushing_replicas: list[tuple[str, str]] = []  # being written right now
@@ -80,7 +81,7 @@ class StorageManager:
         self._pending_unhints: list[tuple[str, str]] = []  # hints to take back
         self._owed: dict[str, _Owed] = {}
         self._flush_lock = asyncio.Lock()
-        self._flushed_at = time.monotonic()
+        self._flushed_at = clock.monotonic()
 
     @property
     def manifest(self) -> Manifest:
@@ -102,6 +103,7 @@ class StorageManager:
         """Commit what follows under this batch."""
         self.batch_id = batch_id
         self.chunk_ids.clear()
+        self._blobs.clear()
         self._owed.clear()  # the last batch's hints are in the manifest, for replay
 
     def commit(self, distributed: DistributedChunk) -> StoredChunk:
@@ -116,10 +118,29 @@ class StorageManager:
                 self._pending_replicas.extend((distributed.blob.chunk_id, r) for r in replicas)
                 self._owe(distributed.blob.chunk_id, set(replicas), distributed.failed_targets)
             self.chunk_ids.add(distributed.blob.chunk_id)
+            self._blobs[distributed.blob.chunk_id] = distributed.blob
             self.metrics.success("storage", distributed.blob.blob_size)
         else:
             self.metrics.failure("storage")
         return StoredChunk(distributed.chunk, distributed.blob, replicas, committed)
+
+    def committed_blob(self, chunk_id: str) -> BlobInfo | None:
+        """The blob of a chunk this batch has committed (in this run, or in the run it
+        resumes), None if it has not."""
+        return self._blobs.get(chunk_id)
+
+    async def remember_committed(self, chunk_ids: Iterable[str]) -> None:
+        """Chunks the run being resumed committed: their blobs, from the manifest."""
+        ids = sorted(set(chunk_ids))
+        blobs = await asyncio.to_thread(lambda: [self.manifest.blob(c) for c in ids])
+        self.chunk_ids.update(ids)
+        self._blobs.update((b.chunk_id, b) for b in blobs if b is not None)
+
+    def commit_copy(self, chunk: Chunk, blob: BlobInfo) -> None:
+        """Record a chunk whose bytes this batch already committed (the same content in
+        another file or place): its replicas are the ones recorded, no byte moves."""
+        if self.batch_id is not None:
+            self._pending_chunks.append((chunk, blob))
 
     def record_late_ack(self, distributed: DistributedChunk, ack: ReplicaAck) -> None:
         """A replica that finished after its chunk was committed."""
@@ -180,10 +201,10 @@ class StorageManager:
     async def flush(self, force: bool = True) -> None:
         """Write buffered commits to the manifest in one transaction."""
         if (not force and len(self._pending_chunks) < _FLUSH_EVERY
-                and time.monotonic() - self._flushed_at < _FLUSH_AFTER_S):
+                and clock.monotonic() - self._flushed_at < _FLUSH_AFTER_S):
             return
         async with self._flush_lock:
-            self._flushed_at = time.monotonic()
+            self._flushed_at = clock.monotonic()
             chunks, self._pending_chunks = self._pending_chunks, []
             replicas, self._pending_replicas = self._pending_replicas, []
             hinted, self._pending_hints = self._pending_hints, {}

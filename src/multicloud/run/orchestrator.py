@@ -15,6 +15,7 @@ goes is in `self.live` (a `LiveView`), which is what the dashboard and `/metrics
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import secrets
@@ -28,12 +29,14 @@ from multicloud.blob import load_key
 from multicloud.cloud import is_store_url, open_store, parse_store_url
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
+from multicloud.core import clock
 from multicloud.core.config import PipelineConfig, load_config
 from multicloud.core.errors import (
     BatchLeased,
     ClusterError,
     MulticloudError,
     UnknownBatch,
+    UsageError,
     ValidationFailed,
 )
 from multicloud.core.network import TrafficLedger
@@ -48,12 +51,18 @@ from multicloud.core.types import (
     VerifyReport,
 )
 from multicloud.core.units import display_path
-from multicloud.pipeline.catalogue import Catalogue
+from multicloud.pipeline.catalogue import Catalogue, RecoverReport
 from multicloud.pipeline.distribution import DistributionCoordinator
 from multicloud.pipeline.events import EventSink
 from multicloud.pipeline.ingestion import ByteBudget, DataIngestionEngine
-from multicloud.pipeline.lease import LEASE_RENEW_S, describe_owner, this_owner
-from multicloud.pipeline.manifest_schema import ChunkRecord
+from multicloud.pipeline.lease import LEASE_RENEW_S, describe_owner, owner_gone, this_owner
+from multicloud.pipeline.maintenance import (
+    GC_GRACE_S,
+    MaintenanceReport,
+    collect_garbage,
+    repair_chunks,
+)
+from multicloud.pipeline.manifest_schema import BatchRecord, ChunkRecord
 from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.placement import NetworkAwarePlacement, check_policy
 from multicloud.pipeline.processing import ProcessingWorkerPool
@@ -61,7 +70,7 @@ from multicloud.pipeline.repair import HintReplays, Repairer, RepairReport, Repa
 from multicloud.pipeline.replicas import ReplicaWriter
 from multicloud.pipeline.restore import BatchRestorer
 from multicloud.pipeline.sources import SourceFile, canonical_source, survey_source
-from multicloud.pipeline.storage import StorageManager
+from multicloud.pipeline.storage import StorageManager, manifest_path
 from multicloud.pipeline.timeouts import AdaptiveTimeouts
 from multicloud.run.live import LiveView, ProgressListener
 from multicloud.run.summary import RunFacts, run_summary
@@ -105,6 +114,9 @@ class PipelineOrchestrator:
         # Copies a quorum write could not place are hinted; a node that comes back gets them.
         self.hint_replays = HintReplays(self.repairer)
         self._unsubscribe = node_registry.subscribe(self._on_node_status)
+        # Background work this orchestrator starts runs in its own context, not in that of
+        # whoever's call happened to change a node's health (another orchestrator's).
+        self._context = contextvars.copy_context()
         self._owner = this_owner(secrets.token_hex(4))  # each orchestrator its own lease
         self._skipped: list[dict[str, str]] = []
 
@@ -182,7 +194,7 @@ class PipelineOrchestrator:
         self.processing_pool.reset()
         self.repairs_on_failure.created = 0
         self.live.begin(batch_id, Stage.INGESTION.value)
-        started = time.perf_counter()
+        started = clock.monotonic()
         ledger_before = self.node_registry.client.ledger.snapshot()
         begun = False
         renewal: asyncio.Task[None] | None = None
@@ -208,7 +220,7 @@ class PipelineOrchestrator:
             renewal = asyncio.create_task(self._renew_lease(batch_id))
             committed = await self._committed(batch_id) if mode == "resume" else {}
             self.storage_manager.begin(batch_id)
-            self.storage_manager.chunk_ids.update(ref[2] for ref in committed.values())
+            await self.storage_manager.remember_committed(ref[2] for ref in committed.values())
             await self.storage_manager.load_node_usage()
             await self.processing_pool.configure_nodes()
             self._skipped = [{"file": e.path, "kind": e.kind, "reason": e.reason}
@@ -360,6 +372,81 @@ class PipelineOrchestrator:
         """Check every replica of a batch."""
         return await self._restorer().verify(batch_id)
 
+    async def knows(self, batch_id: str | None = None, *,
+                    unreadable_ok: bool = False) -> RecoverReport | None:
+        """Make the local manifest (a cache) know batch_id, or any batch with None: when
+        it is missing (a fresh machine, a lost disk), empty, or does not know the batch,
+        rebuild it from the catalogue on the nodes; the rebuild's report, None when none
+        was needed.
+
+        UsageError when there was no cache and the nodes know no batch; ClusterError when
+        the nodes know batch_id but none could read its manifest (unless unreadable_ok:
+        `delete` gives such a batch up)."""
+        cached = manifest_path(self.node_registry).exists()
+        manifest = self.storage_manager.manifest
+
+        def known() -> bool:
+            if batch_id is None:
+                return bool(manifest.batches())
+            try:
+                manifest.batch(batch_id)
+            except UnknownBatch:
+                return False
+            return True
+
+        if cached and await asyncio.to_thread(known):
+            return None
+        report = await self.catalogue().recover(only=batch_id)
+        if batch_id is not None and batch_id in report.failed and not unreadable_ok:
+            raise ClusterError(f"the cluster knows batch {batch_id!r} but no node could read "
+                               f"its manifest ({report.failed[batch_id]}); bring its nodes "
+                               f"back, or give it up with `multicloud delete {batch_id}`")
+        if not cached and not report.batches and not report.failed:
+            data_dir = self.node_registry.data_dir
+            what = "no batch is" if batch_id is None else f"batch {batch_id!r} is not"
+            raise UsageError(f"{what} recorded here or on the cluster's nodes (data dir "
+                             f"{data_dir}): run `multicloud run --source DIR --data-dir "
+                             f"{data_dir}` first")
+        return report
+
+    async def repair(self, batch_id: str | None) -> MaintenanceReport:
+        """Bring every chunk of one batch (None: every completed batch the cluster knows,
+        also those this manifest cache does not) back to its replication factor, and hand
+        hinted copies to nodes that came back."""
+        if batch_id is None:
+            catalogue = self.catalogue()
+            await catalogue.republish_unreadable(await catalogue.recover())
+        ids = await self.chunk_ids_of(batch_id)
+        report = await repair_chunks(self.node_registry, self.storage_manager, self.repairer,
+                                     ids)
+        replayed = await self.repairer.replay_hints()
+        report.replicas_created += replayed.replicas_created
+        return report
+
+    async def collect_garbage(self, *, dry_run: bool = False, grace_s: float = GC_GRACE_S,
+                              assume_live_run: bool = False) -> MaintenanceReport:
+        """Delete the objects no batch the cluster knows references (also batches run
+        from other machines: the catalogue is read first)."""
+        await self.catalogue().recover_everything()
+        return await collect_garbage(self.node_registry, self.storage_manager.manifest,
+                                     self.config.distribution, dry_run=dry_run,
+                                     grace_s=grace_s, assume_live_run=assume_live_run)
+
+    async def delete_batch(self, batch_id: str) -> tuple[BatchRecord, int]:
+        """Forget a batch here and on the nodes (gc frees its bytes); its record and the
+        number of nodes told. A batch only the nodes' catalogue names (its manifest
+        unreadable everywhere) is given up too: its tombstone lets gc go on."""
+        try:
+            record = await asyncio.to_thread(self.storage_manager.manifest.delete_batch,
+                                             batch_id)
+        except UnknownBatch:
+            entry = (await self.catalogue().entries()).get(batch_id)
+            if entry is None or entry.get("status") == "deleted":
+                raise
+            record = BatchRecord(batch_id, str(entry.get("status", "success")),
+                                 str(entry.get("source", "?")), "", 0.0, None, None)
+        return record, await self.catalogue().forget(batch_id)
+
     async def chunk_ids_of(self, batch_id: str | None) -> list[str]:
         """The chunk ids of one batch, or of every completed batch, with their manifests."""
         manifest = self.storage_manager.manifest
@@ -378,6 +465,9 @@ class PipelineOrchestrator:
 
     async def close(self) -> None:
         """Finish background writes and repairs, record them, release the manifest."""
+        # First: a node failing while this closes must not start a repair (or a hint
+        # replay) that outlives the manifest it records into.
+        self._unsubscribe()
         await self.distribution_coordinator.drain()
         await self.repairs_on_failure.settle()
         await self.hint_replays.settle()
@@ -385,9 +475,19 @@ class PipelineOrchestrator:
             await self.storage_manager.flush()
         except MulticloudError as exc:
             log.error("could not record the last replicas: %s", exc)
-        self._unsubscribe()
         self.writer.close()
         self.storage_manager.close()
+        owner_gone(self._owner)
+
+    def abandon(self) -> None:
+        """Drop everything without finishing or recording anything: what a process killed
+        with SIGKILL leaves behind. The simulator kills an orchestrator with this (and
+        cancels its tasks); nothing it does afterwards reaches the manifest, the nodes'
+        health or its lease."""
+        self._unsubscribe()
+        self.writer.close()
+        self.storage_manager.manifest.close()  # opened if it was not: later use raises
+        owner_gone(self._owner)
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -409,9 +509,17 @@ class PipelineOrchestrator:
                           inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
-            distributed = await self.processing_pool.on_nodes(
-                chunk, lambda node: self._process_and_distribute(node, chunk, force))
-            self.storage_manager.commit(distributed)
+            known = self.storage_manager.committed_blob(chunk.chunk_id) if chunk.chunk_id \
+                else None
+            if known is not None:
+                # The same bytes are committed already (another file of the batch, or the
+                # run this one resumes): record where they are, send nothing.
+                chunk.data = None
+                self.storage_manager.commit_copy(chunk, known)
+            else:
+                distributed = await self.processing_pool.on_nodes(
+                    chunk, lambda node: self._process_and_distribute(node, chunk, force))
+                self.storage_manager.commit(distributed)
             await self.storage_manager.flush(force=False)
             self.live.committed(chunk.size_bytes)
         finally:
@@ -470,7 +578,7 @@ class PipelineOrchestrator:
             "bytes_processed": stats.bytes + stats.resumed_bytes})
         by_cloud, by_node = await storage.usage_by_place()
         facts = RunFacts(
-            duration_s=time.perf_counter() - started, ingestion=stats,
+            duration_s=clock.monotonic() - started, ingestion=stats,
             traffic=TrafficLedger.difference(self.node_registry.client.ledger.snapshot(),
                                              ledger_before),
             timeouts=self.writer.timeouts.snapshot(), by_cloud=by_cloud, by_node=by_node,
@@ -517,7 +625,7 @@ class PipelineOrchestrator:
         await self.repairs_on_failure.settle()
         summary = self.metrics.get_summary()
         summary["node_failures_handled"] = self.live.node_failures_handled
-        duration = time.perf_counter() - started
+        duration = clock.monotonic() - started
         result = PipelineResult(status="failed", batch_id=batch_id, duration_seconds=duration,
                                 chunks_processed=self.live.committed_chunks,
                                 bytes_processed=self.live.committed_bytes, metrics=summary,
@@ -560,12 +668,12 @@ class PipelineOrchestrator:
                            f"{reason}", level="warning", node_id=node.id, cloud=node.cloud,
                            region=node.region, reason=reason)
             if self.config.storage.repair:
-                self.repairs_on_failure.start(node.id)
+                self._context.run(self.repairs_on_failure.start, node.id)
         else:
             self.live.emit("node_recovered", f"{node.id}: {reason}", node_id=node.id,
                            reason=reason)
             if node.status is NodeStatus.HEALTHY and old is not NodeStatus.HEALTHY:
-                self.hint_replays.start()
+                self._context.run(self.hint_replays.start)
 
     def _in_flight(self, chunk_id: str) -> list[str]:
         """Nodes a copy of the chunk is being written to or was written to, not recorded."""

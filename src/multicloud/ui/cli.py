@@ -23,13 +23,14 @@ from multicloud.cluster.local import create_local_cluster
 from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import TOKEN_ENV, resolve_token
 from multicloud.core.config import PipelineConfig, load_config
-from multicloud.core.errors import MulticloudError, UnknownBatch, UsageError
+from multicloud.core.errors import MulticloudError, UsageError
 from multicloud.core.types import PipelineResult
 from multicloud.core.units import display_path, format_bytes, parse_size
 from multicloud.pipeline.maintenance import GC_GRACE_S, MaintenanceReport
 from multicloud.pipeline.storage import MANIFEST_FILE
 from multicloud.run.orchestrator import PipelineOrchestrator
 from multicloud.ui.render import node_table, print_summary, run_with_progress
+from multicloud.ui.simulate import add_simulate_parser, run_simulate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_LOG_FILE = "logs/pipeline.log"  # as multicloud.ui.logger
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = cluster_sub.add_parser("down", help="stop what `cluster up` started")
     common(down, cluster=False)
     down.set_defaults(handler=cmd_cluster_down)
+    add_simulate_parser(sub, cmd_simulate)
     return parser
 
 
@@ -252,44 +254,31 @@ async def _open(args: argparse.Namespace,
     return config, registry
 
 
-async def _open_catalogue(args: argparse.Namespace,
-                          batch_id: str | None = None) -> tuple[Cluster, PipelineOrchestrator]:
+async def _open_catalogue(args: argparse.Namespace, batch_id: str | None = None, *,
+                          unreadable_ok: bool = False,
+                          ) -> tuple[Cluster, PipelineOrchestrator]:
     """The cluster and an orchestrator on its catalogue, for commands that read batches.
 
     The local manifest is a cache: when it is missing (a fresh machine, a lost disk), or
     does not know the batch asked for, it is rebuilt from the catalogue on the nodes.
     """
-    cached = (args.data_dir / MANIFEST_FILE).exists()
     embedded = not getattr(args, "cluster", None)
-    if not cached and embedded and not (args.data_dir / "cluster.json").exists():
+    if (embedded and not (args.data_dir / MANIFEST_FILE).exists()
+            and not (args.data_dir / "cluster.json").exists()):
         raise UsageError(f"no pipeline has run with data dir {args.data_dir} yet: "
                          f"run `multicloud run --source DIR --data-dir {args.data_dir}` first")
     config, registry = await _open(args, read_only=True)
     orchestrator = PipelineOrchestrator(registry, config=config)
     try:
-        known = cached and (batch_id is None or await _knows(orchestrator, batch_id))
-        if not known:
-            report = await orchestrator.catalogue().recover(only=batch_id)
-            if report.batches:
-                print(f"rebuilt the catalogue from the cluster: {len(report.batches)} "
-                      f"batch(es)", file=sys.stderr)
-            elif not cached:
-                raise UsageError(f"no batch is recorded here or on the cluster's nodes "
-                                 f"(data dir {args.data_dir}): run `multicloud run --source "
-                                 f"DIR --data-dir {args.data_dir}` first")
+        report = await orchestrator.knows(batch_id, unreadable_ok=unreadable_ok)
+        if report is not None and report.batches:
+            print(f"rebuilt the catalogue from the cluster: {len(report.batches)} "
+                  f"batch(es)", file=sys.stderr)
     except BaseException:
         await orchestrator.close()
         await registry.close()
         raise
     return registry, orchestrator
-
-
-async def _knows(orchestrator: PipelineOrchestrator, batch_id: str) -> bool:
-    try:
-        await asyncio.to_thread(orchestrator.storage_manager.manifest.batch, batch_id)
-    except UnknownBatch:
-        return False
-    return True
 
 
 async def _close(registry: Cluster, orchestrator: PipelineOrchestrator) -> None:
@@ -605,11 +594,9 @@ async def cmd_batches(args: argparse.Namespace) -> int:
 
 async def cmd_delete(args: argparse.Namespace) -> int:
     """multicloud delete BATCH: forget a batch here and on the nodes; gc frees its bytes."""
-    registry, orchestrator = await _open_catalogue(args, args.batch_id)
+    registry, orchestrator = await _open_catalogue(args, args.batch_id, unreadable_ok=True)
     try:
-        manifest = orchestrator.storage_manager.manifest
-        record = await asyncio.to_thread(manifest.delete_batch, args.batch_id)
-        told = await orchestrator.catalogue().forget(args.batch_id)
+        record, told = await orchestrator.delete_batch(args.batch_id)
     finally:
         await _close(registry, orchestrator)
     print(f"deleted batch {record.batch_id} ({record.status}, from {record.source}); "
@@ -638,17 +625,11 @@ async def cmd_recover(args: argparse.Namespace) -> int:
 
 async def cmd_repair(args: argparse.Namespace) -> int:
     """multicloud repair [BATCH | --all]."""
-    from multicloud.pipeline.maintenance import repair_chunks
-
     if bool(args.batch_id) == bool(args.all):
         raise UsageError("name one batch to repair, or pass --all for every completed batch")
     registry, orchestrator = await _open_catalogue(args, args.batch_id)
     try:
-        ids = await orchestrator.chunk_ids_of(None if args.all else args.batch_id)
-        report = await repair_chunks(registry, orchestrator.storage_manager,
-                                     orchestrator.repairer, ids)
-        replayed = await orchestrator.repairer.replay_hints()
-        report.replicas_created += replayed.replicas_created
+        report = await orchestrator.repair(None if args.all else args.batch_id)
     finally:
         await _close(registry, orchestrator)
     _print_maintenance(args, report, "repair")
@@ -657,20 +638,15 @@ async def cmd_repair(args: argparse.Namespace) -> int:
 
 async def cmd_gc(args: argparse.Namespace) -> int:
     """multicloud gc [--dry-run]."""
-    from multicloud.pipeline.maintenance import collect_garbage
-
     if args.grace < 0:
         raise UsageError(f"--grace must be 0 or more seconds (got {args.grace:g})")
     registry, orchestrator = await _open_catalogue(args)
     try:
-        # Every batch the cluster knows is kept, also those run from other machines.
-        await orchestrator.catalogue().recover_everything()
-        report = await collect_garbage(registry, orchestrator.storage_manager.manifest,
-                                       orchestrator.config.distribution, dry_run=args.dry_run,
-                                       grace_s=args.grace,
-                                       # Runs on other machines hold no lease here: in
-                                       # cluster mode the grace period always applies.
-                                       assume_live_run=bool(args.cluster))
+        report = await orchestrator.collect_garbage(
+            dry_run=args.dry_run, grace_s=args.grace,
+            # Runs on other machines hold no lease here: in cluster mode the grace
+            # period always applies.
+            assume_live_run=bool(args.cluster))
     finally:
         await _close(registry, orchestrator)
     _print_maintenance(args, report, "gc")
@@ -691,6 +667,13 @@ def _print_maintenance(args: argparse.Namespace, report: MaintenanceReport, what
           f"{report.missing} missing and {report.corrupt} corrupt dropped, "
           f"{report.replicas_created} replica(s) created; {report.under_replicated} chunk(s) "
           f"under-replicated, {report.lost} lost; {report.unavailable} on unreachable nodes")
+
+
+async def cmd_simulate(args: argparse.Namespace) -> int:
+    """multicloud simulate [--seeds N | --seed S]: exit 1 when an invariant failed."""
+    # Each seed runs on an event loop of its own (virtual time): off this one.
+    ok = await asyncio.to_thread(run_simulate, args, print)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 async def cmd_cluster_up(args: argparse.Namespace) -> int:
