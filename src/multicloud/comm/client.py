@@ -24,6 +24,12 @@ from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 ReplicaState = Literal["ok", "missing", "corrupt"]
 PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data
+# How long a node may take over an operation whose caller sets no deadline of its own: a
+# node that hangs (SIGSTOP, a wedged disk) must cost a verify, a gc or a restore this
+# much, not HTTP's five minutes per call. Writes and processing have adaptive timeouts.
+OP_DEADLINES_S = {"health": 30.0, "configure": 30.0, "check": 60.0, "has": 30.0,
+                  "inventory": 120.0, "usage": 30.0, "delete": 30.0, "catalog": 60.0,
+                  "get": 120.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,4 +206,12 @@ class NodeClient:
     async def _call(self, node: WorkerNode, op: str, meta: dict[str, Any] | None = None,
                     body: Body | None = None, sender: Location | None = None) -> Reply:
         self._in_service(node)
-        return await self.channel.call(node.address, Request(op, meta or {}, body, sender))
+        request = Request(op, meta or {}, body, sender)
+        deadline = OP_DEADLINES_S.get(op)
+        if deadline is None:
+            return await self.channel.call(node.address, request)
+        try:
+            async with asyncio.timeout(deadline):
+                return await self.channel.call(node.address, request)
+        except TimeoutError:
+            raise NodeUnavailable(node.id, f"no answer to {op} in {deadline:g}s") from None

@@ -197,9 +197,10 @@ async def _trim(cluster: Cluster, chunk_id: str, holders: list[WorkerNode],
                 recorded: set[str], config: DistributionConfig,
                 placement: NetworkAwarePlacement) -> tuple[list[WorkerNode], list[WorkerNode]]:
     """(the copies to keep, the copies beyond replication_factor) of an over-replicated
-    chunk. Recorded replicas (verified when written) are kept before unrecorded ones, and
-    an unrecorded copy is kept only once it scrubs clean; within each, one per cloud first
-    (up to min_clouds), then the placement's order."""
+    chunk. Recorded replicas are preferred to unrecorded ones; within each, one per cloud
+    first (up to min_clouds), then the placement's order. Every copy kept scrubs clean
+    first, recorded or not: a replica verified when it was written may have rotted since,
+    and keeping it would trim away a good copy in its place."""
     by_id = {n.id: n for n in holders}
     try:
         others = [n.id for n in placement.registry.healthy_nodes() if n.id not in by_id]
@@ -214,8 +215,6 @@ async def _trim(cluster: Cluster, chunk_id: str, holders: list[WorkerNode],
     rejected: list[WorkerNode] = []
 
     async def good(node: WorkerNode) -> bool:
-        if node.id in recorded:
-            return True
         try:
             return await cluster.client.check(node, chunk_id) == "ok"
         except MulticloudError:
