@@ -69,8 +69,10 @@ def alive(pid: int) -> bool:
 
 async def cluster_up(data_dir: str | Path, config_dir: str | Path, config: PipelineConfig,
                      *, registry_port: int | None = None, node_base_port: int | None = None,
-                     timeout_s: float = 60.0) -> dict[str, Any]:
-    """Start the registry and the nodes; return the recorded state once all are healthy."""
+                     timeout_s: float = 60.0, allow_faults: bool = False) -> dict[str, Any]:
+    """Start the registry and the nodes; return the recorded state once all are healthy.
+
+    allow_faults: the nodes take fault requests (the soak's crashes, partitions...)."""
     data = Path(data_dir)
     existing = read_state(data)
     if existing is not None and any(alive(p["pid"]) for p in existing["processes"]):
@@ -87,14 +89,15 @@ async def cluster_up(data_dir: str | Path, config_dir: str | Path, config: Pipel
     deadline = time.monotonic() + timeout_s
     started: list[ManagedProcess] = []
     try:
-        registry = _spawn(data, config_dir, "registry", ["registry", "--port", str(reg_port)])
+        registry = start_registry(data, config_dir, reg_port)
         started.append(registry)
         url = await _wait_ready(data, registry, deadline)
         started[0] = ManagedProcess(registry.name, registry.pid, registry.log, url)
         specs = config.cluster.node_specs()
         for i, spec in enumerate(specs):
             started.append(start_node(data, config_dir, spec.id, spec.cloud, spec.region, url,
-                                      port=base + i if base else 0))
+                                      port=base + i if base else 0,
+                                      allow_faults=allow_faults))
         nodes = [await _wait_ready(data, p, deadline) for p in started[1:]]
         started[1:] = [ManagedProcess(p.name, p.pid, p.log, u)
                        for p, u in zip(started[1:], nodes, strict=True)]
@@ -124,13 +127,27 @@ def cluster_down(data_dir: str | Path, grace_s: float = 20.0) -> list[str]:
 
 
 def start_node(data_dir: str | Path, config_dir: str | Path, node_id: str, cloud: str,
-               region: str, registry_url: str, *, port: int = 0) -> ManagedProcess:
+               region: str, registry_url: str, *, port: int = 0,
+               allow_faults: bool = False) -> ManagedProcess:
     """Start one `multicloud node` process in the background, logging to
     `<data_dir>/run/<node_id>.log` (how `cluster up` starts each node, and how a node it
     started is started again with its data)."""
     return _spawn(Path(data_dir), config_dir, node_id, [
         "node", "--id", node_id, "--cloud", cloud, "--region", region, "--port", str(port),
-        "--registry", registry_url])
+        "--registry", registry_url, *(["--allow-faults"] if allow_faults else [])])
+
+
+def start_registry(data_dir: str | Path, config_dir: str | Path, port: int) -> ManagedProcess:
+    """Start `multicloud registry` in the background on port (0: a free one), logging to
+    `<data_dir>/run/registry.log`."""
+    return _spawn(Path(data_dir), config_dir, "registry", ["registry", "--port", str(port)])
+
+
+async def wait_ready(data_dir: str | Path, process: ManagedProcess,
+                     timeout_s: float = 60.0) -> str:
+    """The URL a process started here announces once it serves (ClusterError if it exits
+    or takes longer than timeout_s)."""
+    return await _wait_ready(Path(data_dir), process, time.monotonic() + timeout_s)
 
 
 def _spawn(data: Path, config_dir: str | Path, name: str, args: list[str]) -> ManagedProcess:

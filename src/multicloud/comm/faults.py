@@ -93,6 +93,10 @@ class Faults:
         """Crash the node in the middle of its nth next write, leaving a partial temp file."""
         await self.send(node_id, "crash_during_write", nth=nth)
 
+    async def disarm(self, node_id: str) -> None:
+        """Call off a crash_during_write that has not struck yet."""
+        await self.send(node_id, "disarm")
+
     async def disk_full(self, node_id: str, full: bool = True) -> None:
         """Fill the node's disk (every new write fails with DiskFull), or free it again."""
         await self.send(node_id, "disk_full", full=full)

@@ -496,6 +496,8 @@ class NodeService:
                                             check_chunk_id(args["chunk_id"]))}
         elif action == "crash_during_write":
             faults.crash_on_write(int(args.get("nth", 1)))
+        elif action == "disarm":
+            faults.disarm()
         elif action == "disk_full":
             self.store.quota_bytes = self.store.bytes if args.get("full", True) else None
         elif action == "hold_disk":

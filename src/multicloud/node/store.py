@@ -121,8 +121,21 @@ class ChunkStore:
 
     def path_for(self, chunk_id: str) -> Path:
         """Where the object with this id lives (whether or not it exists)."""
+        return self.object_path(self.root, chunk_id)
+
+    @staticmethod
+    def object_path(root: Path, chunk_id: str) -> Path:
+        """Where a store at root keeps the object chunk_id (for readers that must not open
+        the store: opening clears a running node's temp files)."""
         check_chunk_id(chunk_id)
-        return self._objects / chunk_id[:2] / chunk_id[2:4] / chunk_id
+        return root / "objects" / chunk_id[:2] / chunk_id[2:4] / chunk_id
+
+    @staticmethod
+    def objects_in(root: Path) -> Iterator[str]:
+        """Ids of every object a store at root holds, without opening it."""
+        for path in (root / "objects").glob("*/*/*"):
+            if _CHUNK_ID.fullmatch(path.name):
+                yield path.name
 
     def put(self, chunk_id: str, blob: bytes | memoryview) -> None:
         """Write an object durably; replaces an existing one atomically."""
@@ -208,9 +221,7 @@ class ChunkStore:
 
     def inventory(self) -> Iterator[str]:
         """Ids of every object held."""
-        for path in self._objects.glob("*/*/*"):
-            if _CHUNK_ID.fullmatch(path.name):
-                yield path.name
+        return self.objects_in(self.root)
 
     def describe(self) -> list[tuple[str, int, float]]:
         """(id, size, mtime) of every object held, for gc."""

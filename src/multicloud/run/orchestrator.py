@@ -283,9 +283,11 @@ class PipelineOrchestrator:
             pass
         report = await self.catalogue().recover(only=batch_id)
         if batch_id in report.failed:
+            way_back = (f"give it up with `multicloud delete {batch_id}` and run again, or "
+                        f"choose another --batch-id" if batch_id in report.lost else
+                        "choose another --batch-id, or bring its nodes back and run again")
             raise ClusterError(f"the cluster knows batch {batch_id!r} but its manifest could "
-                               f"not be read ({report.failed[batch_id]}); choose another "
-                               f"--batch-id, or bring its nodes back and run again")
+                               f"not be read ({report.failed[batch_id]}); {way_back}")
 
     async def _check_lease(self, batch_id: str) -> None:
         """BatchLeased when another run took the batch over (this one stalled past the
