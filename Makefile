@@ -8,8 +8,12 @@ DEMO_DIR ?= demo-data
 DEMO_SIZE ?= 1GiB
 BENCH_SIZE ?= 1GiB
 BENCH_BEFORE ?=
+SIM_SEEDS ?= 20000
+SIM_FIRST ?= 1000
+SOAK_SEEDS ?= 10
+SOAK_OPS ?= 16
 
-.PHONY: setup demo demo-cluster demo-clouds test lint bench bench-deps clean
+.PHONY: setup demo demo-cluster demo-clouds test lint bench bench-deps simulate soak clean
 
 # Idempotent: creates the virtualenv once, then installs exactly what uv.lock pins.
 $(BIN)/python:
@@ -47,6 +51,16 @@ demo-clouds: setup
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --cov=multicloud --cov-report=term --cov-fail-under=90
+
+# More seeded fault schedules than `make test` plays (it runs seeds 0-999 and a slice per
+# commit); SIM_FIRST/SIM_SEEDS choose them. A failure prints its shrunk reproduction.
+simulate: setup
+	$(BIN)/multicloud simulate --first $(SIM_FIRST) --seeds $(SIM_SEEDS)
+
+# The same schedules against a registry and node processes: SIGKILL, SIGSTOP, registry
+# restarts. Tens of seconds a seed; not part of `make test` (which plays one).
+soak: setup
+	$(BIN)/multicloud simulate --soak --seeds $(SOAK_SEEDS) --ops $(SOAK_OPS)
 
 # ruff, mypy (strict) and the architecture: lint-imports checks that each layer imports only
 # the layers below it and that no two modules of a package import each other.
