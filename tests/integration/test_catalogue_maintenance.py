@@ -14,7 +14,7 @@ import pytest
 
 from multicloud import Cluster, PipelineConfig, PipelineOrchestrator, create_local_cluster
 from multicloud.blob import decode_blob
-from multicloud.core.errors import BatchLeased
+from multicloud.core.errors import BatchLeased, ClusterError
 from multicloud.core.network import Location
 from multicloud.pipeline.lease import this_owner
 from multicloud.pipeline.maintenance import collect_garbage, repair_chunks
@@ -423,6 +423,7 @@ async def test_gc_deletes_nothing_when_a_batch_manifest_cannot_be_read(
     orch = orchestrators()
     report = await orch.catalogue().recover()
     assert "x" in report.failed
+    assert report.lost == ["x"]  # every holder answered: lost, and delete is the way out
     before = {(n, c) for n in cluster.nodes
               for c in await cluster.client.inventory(cluster.get(n))}
     # `multicloud gc` recovers too, and refuses when a batch could not be read.
@@ -433,6 +434,31 @@ async def test_gc_deletes_nothing_when_a_batch_manifest_cannot_be_read(
     after = {(n, c) for n in cluster.nodes
              for c in await cluster.client.inventory(cluster.get(n))}
     assert after == before
+
+
+async def test_a_manifest_this_machine_cannot_decrypt_is_not_lost(
+        cluster: Cluster, config: PipelineConfig, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wrong key fails the decode of an intact copy: gc must refuse as for a node that is
+    # down, and never tell the user to delete the batch (gc would then free its data).
+    sealed = config.replace(processing={"transforms": ["validate", "compress", "encrypt"]})
+    monkeypatch.setenv("MULTICLOUD_ENCRYPTION_KEY", "11" * 32)
+    first = PipelineOrchestrator(cluster, config=sealed)
+    await run(first, "s", source(tmp_path / "s", seed=8))
+    await first.close()
+    drop_manifest_db(cluster)
+
+    monkeypatch.setenv("MULTICLOUD_ENCRYPTION_KEY", "22" * 32)
+    other = PipelineOrchestrator(cluster, config=sealed)
+    try:
+        report = await other.catalogue().recover()
+        assert "s" in report.failed
+        assert report.lost == []
+        with pytest.raises(ClusterError) as refused:
+            await other.collect_garbage(grace_s=0)
+        assert "multicloud delete" not in str(refused.value)
+    finally:
+        await other.close()
 
 
 async def test_a_resume_sends_again_the_chunks_whose_copies_went(

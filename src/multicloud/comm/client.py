@@ -24,12 +24,12 @@ from multicloud.core.types import BlobInfo, Chunk, ReplicaAck
 
 ReplicaState = Literal["ok", "missing", "corrupt"]
 PING_S = 2.0  # a node that cannot answer a health check this fast is not fit to hold data
-# How long a node may take over an operation whose caller sets no deadline of its own: a
-# node that hangs (SIGSTOP, a wedged disk) must cost a verify, a gc or a restore this
-# much, not HTTP's five minutes per call. Writes and processing have adaptive timeouts.
+# How long a node may take over a control operation (no bulk bytes), whose caller sets no
+# deadline of its own: a node that hangs (SIGSTOP, a wedged disk) must cost a verify or a
+# gc this much, not HTTP's five minutes per call. Replica writes and processing have
+# adaptive timeouts; a read or a manifest put moves bytes whose time depends on the link.
 OP_DEADLINES_S = {"health": 30.0, "configure": 30.0, "check": 60.0, "has": 30.0,
-                  "inventory": 120.0, "usage": 30.0, "delete": 30.0, "catalog": 60.0,
-                  "get": 120.0}
+                  "inventory": 120.0, "usage": 30.0, "delete": 30.0, "catalog": 60.0}
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,12 @@ import asyncio
 from typing import Any
 
 from multicloud.control.registry import NodeRegistry
+from multicloud.core.errors import NodeUnavailable
 from multicloud.core.messages import Channel, Request
 from multicloud.core.network import NetworkTopology
 from multicloud.core.types import NodeStatus
+
+FAULT_S = 10.0  # a node that cannot switch a fault this fast hangs
 
 
 class WriteGate:
@@ -49,10 +52,19 @@ class Faults:
         self.topology = topology
 
     async def send(self, node_id: str, action: str, **args: Any) -> dict[str, Any]:
-        """Switch one fault on node_id; the node's answer."""
+        """Switch one fault on node_id; the node's answer. NodeUnavailable when a node
+        that hangs does not answer within FAULT_S (a `wait_*` action waits as long as
+        its condition takes)."""
         node = self.registry.get(node_id)
-        reply = await self.channel.call(node.address,
-                                        Request("fault", {"action": action, **args}))
+        request = Request("fault", {"action": action, **args})
+        if action.startswith("wait_"):
+            return (await self.channel.call(node.address, request)).meta
+        try:
+            async with asyncio.timeout(FAULT_S):
+                reply = await self.channel.call(node.address, request)
+        except TimeoutError:
+            raise NodeUnavailable(node_id, f"no answer to a fault request in {FAULT_S:g}s"
+                                  ) from None
         return reply.meta
 
     async def state(self, node_id: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multicloud.blob import TransformChain, decode_blob
+from multicloud.blob.envelope import check_blob
 from multicloud.comm.cluster import Cluster
 from multicloud.control.registry import WorkerNode
 from multicloud.core import clock
@@ -70,6 +71,15 @@ class ManifestUnreadable(StorageError):
     def __init__(self, message: str, *, lost: bool) -> None:
         super().__init__(message)
         self.lost = lost
+
+
+def _intact(blob: bytes, chunk_id: str) -> bool:
+    """Whether a blob's envelope (header, digest, id) checks out, key or no key."""
+    try:
+        check_blob(blob, chunk_id)
+    except MulticloudError:
+        return False
+    return True
 
 
 def _when(entry: dict[str, Any]) -> float:
@@ -248,15 +258,25 @@ class Catalogue:
                                "(`multicloud cluster status`) and try again")
         return newest
 
-    async def recover(self, only: str | None = None) -> RecoverReport:
-        """Rebuild the cache from the nodes (every batch, or only the one named)."""
+    async def recover(self, only: str | None = None, *,
+                      missing_only: bool = False) -> RecoverReport:
+        """Rebuild the cache from the nodes (every batch, or only the one named); with
+        missing_only, only the batches this cache does not hold (tombstones are honoured
+        either way), so a record here newer than the catalogue's is not replaced."""
         report = RecoverReport()
         entries = await self.entries(report)
         if only is not None:
             entries = {k: v for k, v in entries.items() if k == only}
+        if missing_only:
+            held = {r.batch_id for r in await asyncio.to_thread(self.manifest.batches)}
+            entries = {k: v for k, v in entries.items()
+                       if k not in held or v.get("status") == "deleted"}
         if not entries:
             return report
         inventories = await self._inventories()
+        # A manifest no holder had intact is lost only if every node could be asked: one
+        # that is down may hold the copy a repair moved there.
+        everyone = len(inventories) == len(self.cluster.nodes)
         for batch_id, entry in sorted(entries.items(), key=lambda kv: _when(kv[1])):
             if entry.get("status") == "deleted":
                 report.deleted.append(batch_id)
@@ -271,12 +291,21 @@ class Catalogue:
                 continue
             except MulticloudError as exc:
                 report.failed[batch_id] = str(exc)
-                if isinstance(exc, ManifestUnreadable) and exc.lost:
+                if isinstance(exc, ManifestUnreadable) and exc.lost and everyone:
                     report.lost.append(batch_id)
                 log.error("batch %s could not be recovered: %s", batch_id, exc)
                 continue
             report.batches.insert(0, batch_id)
         return report
+
+    async def drop_if_deleted(self, batch_id: str) -> bool:
+        """Whether the nodes' newest entry for batch_id is a tombstone; if so, this cache's
+        record of it goes too (a delete raced the recovery that brought it back)."""
+        entry = (await self.entries()).get(batch_id)
+        if entry is None or entry.get("status") != "deleted":
+            return False
+        await asyncio.to_thread(self._drop_local, batch_id)
+        return True
 
     async def recover_everything(self) -> RecoverReport:
         """Publish what only this cache knows, then recover every batch the cluster knows;
@@ -311,13 +340,20 @@ class Catalogue:
         records = {r.batch_id: r for r in await asyncio.to_thread(self.manifest.batches)}
         again = [b for b in sorted(report.lost)
                  if b in records and records[b].status == "success"]
+        done = []
         for batch_id in again:
-            await self.publish(batch_id, records[batch_id].result or {
-                "status": "success", "batch_id": batch_id})
+            try:
+                await self.publish(batch_id, records[batch_id].result or {
+                    "status": "success", "batch_id": batch_id})
+            except MulticloudError as exc:  # too few nodes now: it stays failed
+                log.warning("could not publish batch %s's manifest again: %s", batch_id, exc)
+                continue
             del report.failed[batch_id]
-            log.warning("published batch %s's manifest again: no node could read it",
+            report.lost.remove(batch_id)
+            done.append(batch_id)
+            log.warning("published batch %s's manifest again: no node had it intact",
                         batch_id)
-        return again
+        return done
 
     async def _recover_one(self, entry: dict[str, Any],
                            inventories: dict[str, set[str]]) -> None:
@@ -356,6 +392,7 @@ class Catalogue:
             if node is None or not node.healthy:
                 unreachable = True
                 continue
+            blob: bytes | None = None
             try:
                 blob = await self.cluster.client.read(node, info.chunk_id, self.location)
                 raw = await asyncio.to_thread(decode_blob, blob, self.key, info.chunk_id)
@@ -363,7 +400,13 @@ class Catalogue:
                 if not isinstance(data, dict):
                     raise StorageError("not a JSON object")
                 return data
-            except (IntegrityError, ChunkNotFound, ValueError) as exc:
+            except IntegrityError as exc:
+                problems.append(f"{node_id}: {exc}")
+                # An envelope that checks out failed only to decode (this machine lacks
+                # the key, say): the copy is intact, so the manifest is not lost.
+                if blob is not None and _intact(blob, info.chunk_id):
+                    unreachable = True
+            except (ChunkNotFound, ValueError) as exc:
                 problems.append(f"{node_id}: {exc}")
             except (ClusterError, StorageError) as exc:
                 unreachable = True

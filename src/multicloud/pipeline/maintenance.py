@@ -164,8 +164,8 @@ async def collect_garbage(cluster: Cluster, manifest: Manifest, config: Distribu
         sizes = {n.id: size for n, size, _ in copies}
         deletions += [(node, chunk_id, sizes[node.id], "extra") for node in extra]
     if not dry_run:
-        # The copies kept are replicas (an unrecorded one only once it scrubbed clean),
-        # recorded before any other copy of their chunk goes.
+        # The copies kept are replicas (each scrubbed clean), recorded before any other
+        # copy of their chunk goes.
         await asyncio.to_thread(manifest.add_replicas, kept)
     gone: list[str] = []
     trimmed: list[tuple[str, str]] = []
@@ -214,10 +214,13 @@ async def _trim(cluster: Cluster, chunk_id: str, holders: list[WorkerNode],
     keep: list[WorkerNode] = []
     rejected: list[WorkerNode] = []
 
+    unknown: list[WorkerNode] = []  # could not be checked: never deleted
+
     async def good(node: WorkerNode) -> bool:
         try:
             return await cluster.client.check(node, chunk_id) == "ok"
         except MulticloudError:
+            unknown.append(node)
             return False
 
     for spread in (True, False):
@@ -233,4 +236,8 @@ async def _trim(cluster: Cluster, chunk_id: str, holders: list[WorkerNode],
                 keep.append(node)
             else:
                 rejected.append(node)
-    return keep, [n for n in holders if n not in keep]
+    # A copy that failed its scrub goes; one never looked at goes only once RF good copies
+    # are kept (it is a true extra); one that could not be asked stays.
+    whole = len(keep) >= config.replication_factor
+    return keep, [n for n in holders if n not in keep and n not in unknown
+                  and (n in rejected or whole)]

@@ -365,7 +365,8 @@ class HintReplays:
         while self._task is not None and not self._task.done():
             (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
             if isinstance(outcome, Exception):
-                log.error("hint replay crashed: %r (the hints stay for the next one)", outcome)
+                log.error("hint replay crashed (the hints stay for the next one)",
+                          exc_info=outcome)
 
     async def _run(self) -> None:
         while True:
@@ -407,9 +408,13 @@ class RepairsOnFailure:
     def _done(self, task: asyncio.Task[None]) -> None:
         # A repair that failed before anyone settled it is still heard of, once.
         self._tasks.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, MulticloudError):
             log.warning("repair after a node failure failed: %s (the final repair pass "
                         "covers its chunks)", error)
+        else:  # a bug: with its traceback
+            log.error("repair after a node failure crashed", exc_info=error)
 
     async def settle(self) -> None:
         """Wait for every repair started so far (a failed one is logged: the final pass

@@ -209,11 +209,17 @@ class PipelineOrchestrator:
             self.live.total_bytes = listing.total_bytes
             manifest = self.storage_manager.manifest
             await self._learn_batch(batch_id)
-            mode = await asyncio.to_thread(
-                manifest.begin_batch, batch_id, str(source), cloud,
-                fingerprint=f"{listing.fingerprint}:{self.config.ingestion.chunk_size_bytes}",
-                owner=self._owner,
-                replace=bool(batch_config.get("replace", False)))
+
+            def begin() -> str:
+                return manifest.begin_batch(
+                    batch_id, str(source), cloud,
+                    fingerprint=f"{listing.fingerprint}:"
+                                f"{self.config.ingestion.chunk_size_bytes}",
+                    owner=self._owner, replace=bool(batch_config.get("replace", False)))
+
+            mode = await asyncio.to_thread(begin)
+            if mode == "done" and await self._deleted_elsewhere(batch_id):
+                mode = await asyncio.to_thread(begin)  # its stale record is gone: run anew
             if mode == "done":
                 return await self._already_done(batch_id)
             begun = True
@@ -288,6 +294,12 @@ class PipelineOrchestrator:
                         "choose another --batch-id, or bring its nodes back and run again")
             raise ClusterError(f"the cluster knows batch {batch_id!r} but its manifest could "
                                f"not be read ({report.failed[batch_id]}); {way_back}")
+
+    async def _deleted_elsewhere(self, batch_id: str) -> bool:
+        """Whether the cluster's catalogue says a batch this cache holds as complete was
+        deleted since (a delete racing a recovery can leave a stale record here); the
+        stale record is dropped. Asked before a run reports "already done"."""
+        return await self.catalogue().drop_if_deleted(batch_id)
 
     async def _check_lease(self, batch_id: str) -> None:
         """BatchLeased when another run took the batch over (this one stalled past the
@@ -413,17 +425,42 @@ class PipelineOrchestrator:
 
     async def repair(self, batch_id: str | None) -> MaintenanceReport:
         """Bring every chunk of one batch (None: every completed batch the cluster knows,
-        also those this manifest cache does not) back to its replication factor, and hand
-        hinted copies to nodes that came back."""
+        also those this manifest cache does not) back to its replication factor, hand
+        hinted copies to nodes that came back, and publish again a batch manifest whose
+        every copy was found corrupt or gone."""
         if batch_id is None:
             catalogue = self.catalogue()
-            await catalogue.republish_unreadable(await catalogue.recover())
+            await catalogue.republish_unreadable(await catalogue.recover(missing_only=True))
         ids = await self.chunk_ids_of(batch_id)
         report = await repair_chunks(self.node_registry, self.storage_manager, self.repairer,
                                      ids)
         replayed = await self.repairer.replay_hints()
         report.replicas_created += replayed.replicas_created
+        await self._republish_lost_manifests(batch_id)
         return report
+
+    async def _republish_lost_manifests(self, batch_id: str | None) -> None:
+        """Completed batches whose manifest object has no recorded replica left (repair
+        forgets only copies it found corrupt or missing, never those it could not ask):
+        published again from this cache, so `recover` elsewhere still finds them."""
+        manifest = self.storage_manager.manifest
+
+        def orphaned() -> list[BatchRecord]:
+            records = [manifest.batch(batch_id)] if batch_id else manifest.batches()
+            done = [r for r in records if r.status == "success" and r.manifest_object]
+            held = manifest.replicas([r.manifest_object or "" for r in done])
+            return [r for r in done if not held.get(r.manifest_object or "")]
+
+        for record in await asyncio.to_thread(orphaned):
+            try:
+                await self.catalogue().publish(record.batch_id, record.result or {
+                    "status": "success", "batch_id": record.batch_id})
+            except MulticloudError as exc:
+                log.warning("could not publish batch %s's manifest again: %s",
+                            record.batch_id, exc)
+                continue
+            log.warning("published batch %s's manifest again: every copy was corrupt or gone",
+                        record.batch_id)
 
     async def collect_garbage(self, *, dry_run: bool = False, grace_s: float = GC_GRACE_S,
                               assume_live_run: bool = False) -> MaintenanceReport:
@@ -511,11 +548,12 @@ class PipelineOrchestrator:
                           inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
-            known = self.storage_manager.committed_blob(chunk.chunk_id) if chunk.chunk_id \
-                else None
+            # The same bytes committed already (another file of the batch, or the run this
+            # one resumes): record where they are, send nothing. Not for a chunk whose
+            # records are checked: that check depends on its file, not only its bytes.
+            known = (self.storage_manager.committed_blob(chunk.chunk_id)
+                     if chunk.chunk_id and chunk.record_format is None else None)
             if known is not None:
-                # The same bytes are committed already (another file of the batch, or the
-                # run this one resumes): record where they are, send nothing.
                 chunk.data = None
                 self.storage_manager.commit_copy(chunk, known)
             else:

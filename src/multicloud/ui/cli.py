@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -671,8 +672,14 @@ def _print_maintenance(args: argparse.Namespace, report: MaintenanceReport, what
 
 async def cmd_simulate(args: argparse.Namespace) -> int:
     """multicloud simulate [--seeds N | --seed S]: exit 1 when an invariant failed."""
-    # Each seed runs on an event loop of its own (virtual time): off this one.
-    ok = await asyncio.to_thread(run_simulate, args, print)
+    # Each seed runs on an event loop of its own (virtual time): off this one. Ctrl-C
+    # stops it after the seed under way, which tears down what that seed started.
+    stop = threading.Event()
+    try:
+        ok = await asyncio.to_thread(run_simulate, args, print, stop.is_set)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
     return EXIT_OK if ok else EXIT_FAILED
 
 
