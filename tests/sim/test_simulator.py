@@ -80,7 +80,7 @@ def test_regression_scenario(path: Path) -> None:
 
 
 def test_regressions_are_kept() -> None:
-    assert len(REGRESSIONS) >= 9
+    assert len(REGRESSIONS) >= 10
 
 
 def test_the_same_seed_gives_the_same_history_byte_for_byte() -> None:

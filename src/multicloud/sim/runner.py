@@ -125,11 +125,9 @@ def run_seed(seed: int | Scenario, ops: int = DEFAULT_OPS, *, mutation: str = ""
     violation: InvariantViolated | None = None
     step: int | None = None
     with _workdir(plan.seed, workdir, "soak" if soak else "seed") as root:
-        world: World
-        if soak:
-            world = ProcessWorld(plan, root)
-        else:
-            world = World(plan, root, quorum_override=1 if mutation == "quorum-1" else None)
+        weakened = 1 if mutation == "quorum-1" else None
+        world = (ProcessWorld(plan, root, quorum_override=weakened) if soak
+                 else World(plan, root, quorum_override=weakened))
         try:
             with _quiet(), mutated(mutation):
                 if soak:
@@ -179,11 +177,15 @@ def shrink(failed: SeedResult, *, mutation: str = "", soak: bool = False,
 
 def simulate(seeds: Iterable[int], ops: int = DEFAULT_OPS, *, mutation: str = "",
              stop_on_failure: bool = False, shrink_failures: bool = True, soak: bool = False,
-             on_result: Callable[[SeedResult], None] | None = None) -> Summary:
-    """Run every seed; failures are shrunk (the first few) and kept in the summary."""
+             on_result: Callable[[SeedResult], None] | None = None,
+             stopped: Callable[[], bool] = lambda: False) -> Summary:
+    """Run every seed; failures are shrunk (the first few) and kept in the summary.
+    stopped() is asked between seeds (Ctrl-C): the summary then covers the seeds run."""
     summary = Summary()
     started = time.perf_counter()
     for seed in seeds:
+        if stopped():
+            break
         result = run_seed(seed, ops, mutation=mutation, soak=soak)
         summary.add(result)
         if on_result is not None:
@@ -210,16 +212,17 @@ def _workdir(seed: int, base: Path | None, kind: str) -> Iterator[Path]:
     with (parent / f"{kind}-{seed}.lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            root = parent / f"{kind}-{seed}"
+            root, held = parent / f"{kind}-{seed}", True
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
         except BlockingIOError:
-            root = Path(tempfile.mkdtemp(prefix=f"{kind}-{seed}-", dir=parent))
+            root, held = Path(tempfile.mkdtemp(prefix=f"{kind}-{seed}-", dir=parent)), False
         try:
             yield root
         finally:
             shutil.rmtree(root, ignore_errors=True)
-            Path(lock.name).unlink(missing_ok=True)
+            if held:  # only its holder may remove the lock file
+                Path(lock.name).unlink(missing_ok=True)
 
 
 @contextmanager

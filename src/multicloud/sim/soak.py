@@ -71,8 +71,9 @@ def soak_scenario(seed: int, ops: int) -> Scenario:
 class ProcessWorld(World):
     """A World whose cluster is real processes, faulted with real signals."""
 
-    def __init__(self, plan: Scenario, root: Path, *, time_scale: float = 0.02) -> None:
-        super().__init__(plan, root)
+    def __init__(self, plan: Scenario, root: Path, *, quorum_override: int | None = None,
+                 time_scale: float = 0.02) -> None:
+        super().__init__(plan, root, quorum_override=quorum_override)
         self.config = self.config.replace(cluster={
             **self.config.cluster.model_dump(), "time_scale": time_scale,
             "service": {"heartbeat_interval_s": _HEARTBEAT_S,
@@ -97,19 +98,26 @@ class ProcessWorld(World):
         self._processes = {p["name"]: ManagedProcess(**p) for p in state["processes"]}
         url = state["registry"]
         self._registry_port = int(url.rsplit(":", 1)[1])
-        token = resolve_token(None, self.data)
-        return await connect_cluster(url, token, self.config.cluster, data_dir=self.data)
+        try:
+            token = resolve_token(None, self.data)
+            return await connect_cluster(url, token, self.config.cluster, data_dir=self.data)
+        except BaseException:
+            await self._stop_processes()
+            raise
 
     async def close_cluster(self) -> None:
         try:
             await self.cluster.close()
         finally:
-            for node_id in sorted(self._hung):
-                self._signal(node_id, signal.SIGCONT)
-            # Every process this soak started, restarts included (cluster down knows only
-            # the first ones).
-            await asyncio.to_thread(stop_processes, list(self._processes.values()), 5.0)
-            state_path(self.data).unlink(missing_ok=True)
+            await self._stop_processes()
+
+    async def _stop_processes(self) -> None:
+        """Every process this soak started, restarts included (`cluster down` knows only
+        the first ones); a hung one is woken first, so it can hear SIGTERM."""
+        for node_id in sorted(self._hung):
+            self._signal(node_id, signal.SIGCONT)
+        await asyncio.to_thread(stop_processes, list(self._processes.values()), 5.0)
+        state_path(self.data).unlink(missing_ok=True)
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +168,7 @@ class ProcessWorld(World):
         registry = f"http://127.0.0.1:{self._registry_port}"
         process = start_node(self.data, self.config_dir, node_id, spec.cloud, spec.region,
                              registry, allow_faults=True)
-        self._processes[node_id] = process
+        self._processes[node_id] = process  # stopped at the end even if it never serves
         url = await wait_ready(self.data, process, _START_TIMEOUT_S)
         self._processes[node_id] = replace(process, url=url)
         self._killed_nodes.discard(node_id)
@@ -205,6 +213,7 @@ class ProcessWorld(World):
             os.kill(process.pid, signal.SIGKILL)
         await self._until(lambda: not alive(process.pid), "the registry dies")
         fresh = start_registry(self.data, self.config_dir, self._registry_port)
+        self._processes["registry"] = fresh  # stopped at the end even if it never serves
         url = await wait_ready(self.data, fresh, _START_TIMEOUT_S)
         self._processes["registry"] = replace(fresh, url=url)
 

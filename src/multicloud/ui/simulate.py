@@ -52,8 +52,10 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sim.set_defaults(handler=handler)
 
 
-def run_simulate(args: argparse.Namespace, out: Callable[[str], None]) -> bool:
-    """Do what the arguments say, writing lines with out; whether every seed passed."""
+def run_simulate(args: argparse.Namespace, out: Callable[[str], None],
+                 stopped: Callable[[], bool] = lambda: False) -> bool:
+    """Do what the arguments say, writing lines with out; whether every seed passed.
+    stopped() is asked between seeds: a Ctrl-C ends the run after the seed under way."""
     mutation = args.mutation or ""
     if args.ops < 1:
         raise UsageError(f"--ops must be at least 1 (got {args.ops})")
@@ -70,7 +72,7 @@ def run_simulate(args: argparse.Namespace, out: Callable[[str], None]) -> bool:
             out(f"seed {result.seed}: {result.violation} (step {_step(result)})")
 
     summary = simulate(seeds, args.ops, mutation=mutation, on_result=progress,
-                       shrink_failures=not args.no_shrink, soak=args.soak)
+                       shrink_failures=not args.no_shrink, soak=args.soak, stopped=stopped)
     if args.json:
         out(json.dumps(summary.to_dict(), indent=2))
     else:
