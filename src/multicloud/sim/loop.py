@@ -28,7 +28,8 @@ from typing import Any, TypeVar, TypeVarTuple
 
 from multicloud.core.errors import MulticloudError
 
-__all__ = ["COMMAND", "SimulationStuck", "TaggingLoop", "VirtualTimeLoop", "run_virtual"]
+__all__ = ["COMMAND", "SimulationStuck", "TaggingLoop", "VirtualTimeLoop", "run_on",
+           "run_tagged", "run_virtual"]
 
 # The command a task works for: tasks inherit it from the task that made them, so the
 # simulator can find (and kill) every task of one orchestrator.
@@ -132,7 +133,16 @@ def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:
     """Run main to its end on a fresh VirtualTimeLoop, then close the loop."""
-    loop = VirtualTimeLoop()
+    return run_on(VirtualTimeLoop(), main)
+
+
+def run_tagged(main: Coroutine[Any, Any, T]) -> T:
+    """Run main to its end on a fresh TaggingLoop (real time), then close the loop."""
+    return run_on(TaggingLoop(), main)
+
+
+def run_on(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, T]) -> T:
+    """Run main to its end on loop; then cancel what is left and close the loop."""
     try:
         return loop.run_until_complete(main)
     finally:

@@ -24,10 +24,10 @@ from typing import Any
 
 from multicloud.core import clock
 from multicloud.sim.invariants import InvariantViolated
-from multicloud.sim.loop import run_virtual
+from multicloud.sim.loop import run_tagged, run_virtual
 from multicloud.sim.mutations import mutated
 from multicloud.sim.scenario import Scenario, scenario
-from multicloud.sim.soak import ProcessWorld, run_tagged, soak_scenario
+from multicloud.sim.soak import ProcessWorld, soak_scenario
 from multicloud.sim.world import World
 
 __all__ = ["SeedResult", "Summary", "run_seed", "shrink", "simulate"]

@@ -44,7 +44,6 @@ from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import resolve_token
 from multicloud.core.errors import MulticloudError
 from multicloud.sim.invariants import InvariantViolated
-from multicloud.sim.loop import TaggingLoop
 from multicloud.sim.scenario import Scenario, Step, scenario
 from multicloud.sim.world import World
 
@@ -241,17 +240,3 @@ class ProcessWorld(World):
                                            f"{what}")
             await asyncio.sleep(0.05)
 
-
-def run_tagged(main: Any) -> Any:
-    """Run main on a fresh TaggingLoop (real time), then close the loop."""
-    loop = TaggingLoop()
-    try:
-        return loop.run_until_complete(main)
-    finally:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
