@@ -456,6 +456,7 @@ class World:
             if kind == "repair":
                 report = await orchestrator.repair(None)
                 self.count("repairs")
+                self.count("replicas repaired", report.replicas_created)
                 return f"repaired, {report.replicas_created} replica(s) created"
             report = await orchestrator.collect_garbage()
             self.count("gcs")

@@ -21,8 +21,8 @@ __all__ = ["add_simulate_parser", "run_simulate"]
 
 # The outcomes a summary lists after the faults, in this order.
 _OUTCOMES = ("committed", "resumed", "killed", "interrupted", "failed runs", "together",
-             "repairs", "gcs", "restores", "verifies", "deletes", "errors", "new disks",
-             "manifests published again", "batches lost to faults")
+             "repairs", "replicas repaired", "gcs", "restores", "verifies", "deletes",
+             "errors", "new disks", "manifests published again", "batches lost to faults")
 
 
 def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
