@@ -9,7 +9,7 @@ from multicloud.ui.simulate import summary_lines
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if SUMMARY.total.seeds:
+    if SUMMARY.seeds:
         terminalreporter.section("fault simulation")
-        for line in summary_lines(SUMMARY.total):
+        for line in summary_lines(SUMMARY):
             terminalreporter.write_line(line)

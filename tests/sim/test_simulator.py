@@ -38,7 +38,7 @@ def _explain(result: SeedResult) -> str:
 
 def _play(seeds: range) -> None:
     summary = simulate(seeds, shrink_failures=False)
-    SUMMARY.add(summary)
+    SUMMARY.merge(summary)
     if summary.failures:
         pytest.fail(_explain(summary.failures[0]), pytrace=False)
 

@@ -38,6 +38,7 @@ from multicloud.core.network import Location
 from multicloud.core.types import BlobInfo, Chunk
 from multicloud.node.catalog import precedence
 from multicloud.pipeline.manifest import Manifest
+from multicloud.pipeline.manifest_schema import BatchRecord
 from multicloud.pipeline.placement import NetworkAwarePlacement, spread_short
 from multicloud.pipeline.storage import ANY_NODE
 
@@ -338,21 +339,29 @@ class Catalogue:
         of them): a new object, the old one left for gc. A manifest whose holders are only
         unreachable is not lost, and stays failed. They leave report.failed; their ids."""
         records = {r.batch_id: r for r in await asyncio.to_thread(self.manifest.batches)}
-        again = [b for b in sorted(report.lost)
-                 if b in records and records[b].status == "success"]
-        done = []
+        again = await self.publish_again([records[b] for b in sorted(report.lost)
+                                          if b in records and records[b].status == "success"])
         for batch_id in again:
-            try:
-                await self.publish(batch_id, records[batch_id].result or {
-                    "status": "success", "batch_id": batch_id})
-            except MulticloudError as exc:  # too few nodes now: it stays failed
-                log.warning("could not publish batch %s's manifest again: %s", batch_id, exc)
-                continue
             del report.failed[batch_id]
             report.lost.remove(batch_id)
-            done.append(batch_id)
+        return again
+
+    async def publish_again(self, records: list[BatchRecord]) -> list[str]:
+        """Publish these completed batches' manifests again from this cache (their old
+        objects are lost); the ids published. One that cannot be (too few nodes now) is
+        logged and skipped, so it does not hold up the rest."""
+        done = []
+        for record in records:
+            try:
+                await self.publish(record.batch_id, record.result or {
+                    "status": "success", "batch_id": record.batch_id})
+            except MulticloudError as exc:
+                log.warning("could not publish batch %s's manifest again: %s",
+                            record.batch_id, exc)
+                continue
+            done.append(record.batch_id)
             log.warning("published batch %s's manifest again: no node had it intact",
-                        batch_id)
+                        record.batch_id)
         return done
 
     async def _recover_one(self, entry: dict[str, Any],

@@ -218,8 +218,10 @@ class PipelineOrchestrator:
                     owner=self._owner, replace=bool(batch_config.get("replace", False)))
 
             mode = await asyncio.to_thread(begin)
-            if mode == "done" and await self._deleted_elsewhere(batch_id):
-                mode = await asyncio.to_thread(begin)  # its stale record is gone: run anew
+            # A delete racing a recovery can leave a stale record here: the catalogue's
+            # tombstone, if any, wins, and the batch runs anew.
+            if mode == "done" and await self.catalogue().drop_if_deleted(batch_id):
+                mode = await asyncio.to_thread(begin)
             if mode == "done":
                 return await self._already_done(batch_id)
             begun = True
@@ -289,17 +291,7 @@ class PipelineOrchestrator:
             pass
         report = await self.catalogue().recover(only=batch_id)
         if batch_id in report.failed:
-            way_back = (f"give it up with `multicloud delete {batch_id}` and run again, or "
-                        f"choose another --batch-id" if batch_id in report.lost else
-                        "choose another --batch-id, or bring its nodes back and run again")
-            raise ClusterError(f"the cluster knows batch {batch_id!r} but its manifest could "
-                               f"not be read ({report.failed[batch_id]}); {way_back}")
-
-    async def _deleted_elsewhere(self, batch_id: str) -> bool:
-        """Whether the cluster's catalogue says a batch this cache holds as complete was
-        deleted since (a delete racing a recovery can leave a stale record here); the
-        stale record is dropped. Asked before a run reports "already done"."""
-        return await self.catalogue().drop_if_deleted(batch_id)
+            raise _unreadable(batch_id, report, "run again, or choose another --batch-id")
 
     async def _check_lease(self, batch_id: str) -> None:
         """BatchLeased when another run took the batch over (this one stalled past the
@@ -412,9 +404,7 @@ class PipelineOrchestrator:
             return None
         report = await self.catalogue().recover(only=batch_id)
         if batch_id is not None and batch_id in report.failed and not unreadable_ok:
-            raise ClusterError(f"the cluster knows batch {batch_id!r} but no node could read "
-                               f"its manifest ({report.failed[batch_id]}); bring its nodes "
-                               f"back, or give it up with `multicloud delete {batch_id}`")
+            raise _unreadable(batch_id, report, "try again")
         if not cached and not report.batches and not report.failed:
             data_dir = self.node_registry.data_dir
             what = "no batch is" if batch_id is None else f"batch {batch_id!r} is not"
@@ -451,16 +441,7 @@ class PipelineOrchestrator:
             held = manifest.replicas([r.manifest_object or "" for r in done])
             return [r for r in done if not held.get(r.manifest_object or "")]
 
-        for record in await asyncio.to_thread(orphaned):
-            try:
-                await self.catalogue().publish(record.batch_id, record.result or {
-                    "status": "success", "batch_id": record.batch_id})
-            except MulticloudError as exc:
-                log.warning("could not publish batch %s's manifest again: %s",
-                            record.batch_id, exc)
-                continue
-            log.warning("published batch %s's manifest again: every copy was corrupt or gone",
-                        record.batch_id)
+        await self.catalogue().publish_again(await asyncio.to_thread(orphaned))
 
     async def collect_garbage(self, *, dry_run: bool = False, grace_s: float = GC_GRACE_S,
                               assume_live_run: bool = False) -> MaintenanceReport:
@@ -731,3 +712,12 @@ class PipelineOrchestrator:
         return BatchRestorer(self.node_registry, self.storage_manager.manifest,
                              key=load_key(self.config.processing.encryption),
                              replication_factor=self.config.distribution.replication_factor)
+
+
+def _unreadable(batch_id: str, report: RecoverReport, then: str) -> ClusterError:
+    """The error for a batch the cluster knows but whose manifest no node could read: give
+    it up only when it is lost (every holder answered); else its nodes may come back."""
+    way_back = (f"give it up with `multicloud delete {batch_id}`" if batch_id in report.lost
+                else "bring its nodes back")
+    return ClusterError(f"the cluster knows batch {batch_id!r} but its manifest could not be "
+                        f"read ({report.failed[batch_id]}); {way_back}, then {then}")

@@ -98,10 +98,20 @@ class Summary:
     def add(self, result: SeedResult) -> None:
         """Count one seed's faults and outcomes in."""
         self.seeds += 1
-        for key, value in result.counts.items():
-            self.counts[key] = self.counts.get(key, 0) + value
+        self._count(result.counts)
         if not result.ok:
             self.failures.append(result)
+
+    def merge(self, other: Summary) -> None:
+        """Count another summary's seeds in (its time added to this one's)."""
+        self.seeds += other.seeds
+        self.seconds += other.seconds
+        self._count(other.counts)
+        self.failures += other.failures
+
+    def _count(self, counts: dict[str, int]) -> None:
+        for key, value in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + value
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""

@@ -23,9 +23,9 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -79,7 +79,6 @@ class ProcessWorld(World):
                         "failure_timeout_s": _FAILURE_TIMEOUT_S, "registry_port": 0,
                         "node_base_port": 0}},
             storage={"fsync": False, "anti_entropy_interval_s": 0})
-        self.data = root / "data"
         self.config_dir = root / "config"
         self._processes: dict[str, ManagedProcess] = {}
         self._killed_nodes: set[str] = set()
@@ -232,7 +231,8 @@ class ProcessWorld(World):
             os.kill(self._processes[node_id].pid, sig)
 
     @staticmethod
-    async def _until(condition: Any, what: str, timeout_s: float = _START_TIMEOUT_S) -> None:
+    async def _until(condition: Callable[[], bool], what: str,
+                     timeout_s: float = _START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:

@@ -98,6 +98,8 @@ class World:
                  ) -> None:
         self.scenario = scenario
         self.root = root
+        self.data = root / "data"  # the cluster's data dir: node stores, manifest.db
+        self.manifest_file = self.data / MANIFEST_FILE
         self.history: list[str] = []
         self.counts: dict[str, int] = {}
         shape = scenario.shape
@@ -161,7 +163,7 @@ class World:
 
     async def open_cluster(self) -> Cluster:
         """The cluster of the scenario's shape: embedded, every node in this process."""
-        return create_local_cluster(self.root / "data", config=self.config.cluster,
+        return create_local_cluster(self.data, config=self.config.cluster,
                                     storage=self.config.storage)
 
     async def close_cluster(self) -> None:
@@ -181,7 +183,7 @@ class World:
 
     def store_dirs(self) -> dict[str, Path]:
         """Each node's chunk store directory."""
-        return {n: self.root / "data" / "nodes" / n for n in self.scenario.shape.node_ids}
+        return {n: self.data / "nodes" / n for n in self.scenario.shape.node_ids}
 
     async def crash(self, node_id: str) -> None:
         """The node stops (its disk stays)."""
@@ -218,7 +220,7 @@ class World:
 
     def _recorded(self) -> set[str]:
         """Chunk ids the manifest records as committed (none when it was lost)."""
-        path = self.root / "data" / MANIFEST_FILE
+        path = self.manifest_file
         if not path.exists():
             return set()
         with Manifest(path) as manifest:
@@ -391,7 +393,7 @@ class World:
     def _resumable(self, batch: str) -> set[str]:
         """The chunks a resume must not send: recorded for the batch, and held by a node
         that is up (an orchestrator skips exactly what a node still lists)."""
-        path = self.root / "data" / MANIFEST_FILE
+        path = self.manifest_file
         if not path.exists():
             return set()
         with Manifest(path) as manifest:
@@ -570,7 +572,7 @@ class World:
             return "full" if kind == "disk_full" else "freed"
         if kind == "lose_manifest":
             for suffix in ("", "-wal", "-shm"):
-                (self.root / "data" / f"{MANIFEST_FILE}{suffix}").unlink(missing_ok=True)
+                (self.data / f"{MANIFEST_FILE}{suffix}").unlink(missing_ok=True)
             return "deleted"
         raise ValueError(f"unknown fault {kind!r}")
 
@@ -603,9 +605,9 @@ class World:
         for chunk_id in sorted(old.store.inventory()):
             self.model.harm(chunk_id, node_id)
         old.close()
-        shutil.rmtree(self.root / "data" / "nodes" / node_id, ignore_errors=True)
+        shutil.rmtree(self.data / "nodes" / node_id, ignore_errors=True)
         spec = next(s for s in self.config.cluster.node_specs() if s.id == node_id)
-        store = open_node_store(spec, self.config.cluster, self.root / "data", fsync=False)
+        store = open_node_store(spec, self.config.cluster, self.data, fsync=False)
         service = NodeService(node_id, Location(spec.cloud, spec.region), store,
                               cast(LocalComm, self.cluster.faults.channel),
                               seed=self.config.cluster.seed,
@@ -648,7 +650,7 @@ class World:
         self.check()
         for batch in self._forget_unrecorded():
             await self._end_command(Step("delete", batch=batch))  # the way back it names
-        if not self.model.committed and not (self.root / "data" / MANIFEST_FILE).exists():
+        if not self.model.committed and not (self.manifest_file).exists():
             self.note("end: no batch was recorded; nothing to repair")
             return
         await self._end_command(Step("repair"))
@@ -679,7 +681,7 @@ class World:
         local manifest no longer knows (lost too), has no record left anywhere: lost to
         faults, as its data would be. Those batches, for the user's way back (delete)."""
         lost = self.model.lost(self.census())
-        path = self.root / "data" / MANIFEST_FILE
+        path = self.manifest_file
         known: set[str] = set()
         if path.exists():
             with Manifest(path) as manifest:
@@ -696,7 +698,7 @@ class World:
     def _refresh_catalogued(self) -> None:
         """A manifest object no node could read is published again as a new object: the
         model follows the manifest to it."""
-        with Manifest(self.root / "data" / MANIFEST_FILE) as manifest:
+        with Manifest(self.manifest_file) as manifest:
             known = {record.batch_id: record for record in manifest.batches()}
             for batch in sorted(set(self.model.committed) & set(known)):
                 new = known[batch].manifest_object
@@ -717,26 +719,16 @@ class World:
         return outcome
 
     async def _end_restore(self, batch: str) -> None:
-        self._restores += 1
-        dest = self.root / "restores" / str(self._restores)
-        token = COMMAND.set(f"end-restore-{batch}")
-        orchestrator = PipelineOrchestrator(self.cluster, config=self.config)
-        try:
-            await orchestrator.knows(batch)
-            report = await orchestrator.restore_batch(batch, dest)
-            if report.failed_files:
-                raise InvariantViolated(1, f"after heal and repair, {batch} restores with "
-                                           f"{len(report.failed_files)} failed file(s), e.g. "
-                                           f"{report.failed_files[0]}")
-            self._compare(batch, dest, "the final restore")
-            self.note(f"end: restore {batch} -> {report.files_restored} file(s) byte-exact")
-        except MulticloudError as exc:
+        """Invariant 1 at the end: the restore command (which compares every file with
+        the model's bytes) restores the whole batch."""
+        self._reset_health()
+        outcome = await self._command(Step("restore", batch=batch), checked=True)
+        self.note(f"end: restore {batch} -> {outcome}")
+        if outcome.startswith("error"):
             raise InvariantViolated(1, f"after heal and repair, {batch} does not restore: "
-                                       f"{exc}") from exc
-        finally:
-            await orchestrator.close()
-            COMMAND.reset(token)
-            shutil.rmtree(dest, ignore_errors=True)
+                                       f"{self.last_error}")
+        if "failed" in outcome:
+            raise InvariantViolated(1, f"after heal and repair, {batch} {outcome}")
 
     # -- set-up ------------------------------------------------------------------------------------
 
