@@ -348,7 +348,7 @@ def _blob(payload: bytes) -> tuple[str, bytes]:
                   size_bytes=len(payload), source_cloud="aws")
     blob, info = TransformChain(ProcessingConfig(transforms=["validate"])).apply(chunk, payload)
     assert info.blob_checksum == blob_checksum(blob)
-    return chunk_id, blob
+    return chunk_id, bytes(blob)
 
 
 async def test_nodes_and_registry_refuse_bad_requests(cluster: ProcessCluster) -> None:

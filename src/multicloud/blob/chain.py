@@ -66,7 +66,7 @@ class TransformChain:
     def __repr__(self) -> str:
         return f"TransformChain(transforms={list(self._cfg.transforms)!r}, codec={self.codec!r})"
 
-    def apply(self, chunk: Chunk, data: bytes | memoryview) -> tuple[bytes, BlobInfo]:
+    def apply(self, chunk: Chunk, data: bytes | memoryview) -> tuple[memoryview, BlobInfo]:
         """Turn a chunk's raw bytes into its blob, raising ValidationFailed for bad data."""
         view = byte_view(data)
         raw_size = len(view)

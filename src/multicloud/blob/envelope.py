@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from multicloud.blob.codecs import KEY_HINT, KEY_SIZE, NONCE_SIZE, TAG_SIZE, decompressor
+from multicloud.core.buffers import aligned
 from multicloud.core.errors import ConfigError, IntegrityError
 
 MAGIC = b"MCB1"
@@ -61,12 +62,21 @@ class EnvelopeHeader:
     header_size: int  # where the payload starts: 61, or 73 with a nonce
 
 
-def seal(prefix: bytes, nonce: bytes, payload: bytes | memoryview) -> bytes:
-    """The blob for a packed prefix (see PREFIX), a nonce (b"" unless encrypted) and payload."""
+def seal(prefix: bytes, nonce: bytes, payload: bytes | memoryview) -> memoryview:
+    """The blob for a packed prefix (see PREFIX), a nonce (b"" unless encrypted) and payload.
+
+    Built in a page-aligned buffer (the one copy of the payload), so that stores can write
+    it to disk without copying it again (see multicloud.core.buffers).
+    """
     digest = xxhash.xxh3_128(prefix)
     digest.update(nonce)
     digest.update(payload)
-    return b"".join((prefix, digest.digest(), nonce, payload))  # the one copy of the payload
+    blob = aligned(_HEADER.size + len(nonce) + len(payload))
+    blob[:PREFIX.size] = prefix
+    blob[PREFIX.size:_HEADER.size] = digest.digest()
+    blob[_HEADER.size:_HEADER.size + len(nonce)] = nonce
+    blob[_HEADER.size + len(nonce):] = payload
+    return blob
 
 
 def inspect_blob(blob: bytes | memoryview) -> EnvelopeHeader:

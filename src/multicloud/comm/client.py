@@ -176,7 +176,7 @@ class NodeClient:
         reply = await self._call(node, "inventory", {"details": True})
         return [(str(c), int(n), float(t)) for c, n, t in reply.meta["objects"]]
 
-    async def write(self, node: WorkerNode, blob: BlobInfo, data: bytes,
+    async def write(self, node: WorkerNode, blob: BlobInfo, data: Body,
                     origin: Location) -> ReplicaAck:
         """Store a blob made on this side (a batch manifest) on node, verified and durable."""
         link = self.topology.link(origin, node.location)

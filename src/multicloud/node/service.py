@@ -124,7 +124,7 @@ class NodeService:
         self._chain: TransformChain | None = None
         self._check_records = False  # whether .jsonl/.csv records are parsed (configure)
         self._fail_on_invalid = True  # processing.on_invalid_records == "fail"
-        self._staged: dict[str, tuple[bytes, BlobInfo]] = {}
+        self._staged: dict[str, tuple[Body, BlobInfo]] = {}
         # The same chunk can be in flight twice at once (identical pieces of two files):
         # a staged blob stays until every processing of it has been released.
         self._staged_refs: dict[str, int] = {}
@@ -353,7 +353,7 @@ class NodeService:
         # processing, never its replica writes and reads (the I/O threads).
         return await self._run(self._workers, self.sources.read, chunk)
 
-    def staged_blob(self, chunk_id: str) -> bytes | None:
+    def staged_blob(self, chunk_id: str) -> Body | None:
         """The staged blob of a processed chunk, if still held."""
         staged = self._staged.get(chunk_id)
         return staged[0] if staged else None
@@ -372,7 +372,7 @@ class NodeService:
         self._staged.clear()
         self._staged_refs.clear()
 
-    async def blob_for_push(self, chunk_id: str) -> tuple[bytes, str]:
+    async def blob_for_push(self, chunk_id: str) -> tuple[Body, str]:
         """The bytes to send to another node, and their checksum: the staged blob, else the
         stored one (its envelope verified, so the checksum is of good bytes)."""
         staged = self._staged.get(chunk_id)
@@ -602,7 +602,7 @@ async def _despite_cancels(work: asyncio.Future[Any]) -> None:
 
 
 def _transform(chain: TransformChain, chunk: Chunk, data: Body, *, check_records: bool,
-               fail_on_invalid: bool) -> tuple[bytes, BlobInfo, InvalidRecord | None]:
+               fail_on_invalid: bool) -> tuple[Body, BlobInfo, InvalidRecord | None]:
     """A chunk's blob and its first invalid record (on a worker slot).
 
     The chain runs first: it checks that the bytes are the source's, and a chunk that fails

@@ -34,6 +34,7 @@ from multicloud.core.errors import (
     QuorumNotReached,
     StorageError,
 )
+from multicloud.core.messages import Body
 from multicloud.core.network import Location
 from multicloud.core.types import BlobInfo, Chunk
 from multicloud.node.catalog import precedence
@@ -140,13 +141,13 @@ class Catalogue:
         return await self._announce({"batch_id": batch_id, "status": "deleted",
                                      "updated_at": clock.wall()})
 
-    def _encode(self, raw: bytes) -> tuple[bytes, BlobInfo]:
+    def _encode(self, raw: bytes) -> tuple[memoryview, BlobInfo]:
         chunk_id = hashlib.sha256(raw).hexdigest()
         chunk = Chunk(chunk_id=chunk_id, file=MANIFEST_FILE_NAME, index=0, offset=0,
                       size_bytes=len(raw), source_cloud=self.location.cloud)
         return TransformChain(self.processing, self.key).apply(chunk, raw)
 
-    async def _store(self, info: BlobInfo, blob: bytes, cloud: str) -> list[str]:
+    async def _store(self, info: BlobInfo, blob: Body, cloud: str) -> list[str]:
         healthy = self.cluster.healthy_nodes(cloud) or self.cluster.healthy_nodes()
         if not healthy:
             raise QuorumNotReached(f"no healthy node to store the manifest of chunk "
