@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from multicloud.core.config import NodeSpec, PipelineConfig, load_config
+from multicloud.core.config import IngestionConfig, NodeSpec, PipelineConfig, load_config
+from multicloud.pipeline.sources import scan_source
 
 T = TypeVar("T")
 
@@ -297,3 +299,18 @@ def assert_same_tree(source: Path, restored: Path) -> None:
     assert sorted(got) == sorted(want)
     different = [path for path in want if got[path] != want[path]]
     assert not different, f"restored files differ from the source: {different[:5]}"
+
+
+def expected_chunks(source: Path, ingestion: IngestionConfig) -> int:
+    """How many chunks fixed-size chunking cuts the files under source into, files below
+    `pack_below_mb` packed together in listing order (a pack of one is a chunk alike)."""
+    chunks = packs = 0
+    packed = ingestion.pack_size_bytes  # as if the last pack were full
+    for file in scan_source(source).files:
+        if 0 < file.size < ingestion.pack_below_bytes:
+            if packed + file.size > ingestion.pack_size_bytes:
+                packs, packed = packs + 1, 0
+            packed += file.size
+        else:
+            chunks += math.ceil(file.size / ingestion.chunk_size_bytes)
+    return chunks + packs

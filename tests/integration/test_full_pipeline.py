@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import expected_chunks
 
 from cluster_kinds import local_services
 from multicloud import (
@@ -29,12 +29,6 @@ ENCRYPT = {"transforms": ["validate", "compress", "encrypt"]}
 Restorer = Callable[..., Awaitable[RestoreReport]]  # the assert_restored fixture
 
 
-
-
-def expected_chunks(source: Path, chunk_bytes: int) -> int:
-    """How many chunks fixed-size chunking cuts the files under source into."""
-    return sum(math.ceil(p.stat().st_size / chunk_bytes)
-               for p in source.rglob("*") if p.is_file())
 
 
 async def test_complete_pipeline_execution(setup_test_cluster: NodeRegistry,
@@ -122,7 +116,7 @@ async def test_result_fields_and_live_attributes(orchestrator: PipelineOrchestra
     assert result.batch_id == "fields"
     assert result.files == len(files)
     assert result.bytes_processed == sum(p.stat().st_size for p in files)
-    assert result.chunks_processed == expected_chunks(source, config.ingestion.chunk_size_bytes)
+    assert result.chunks_processed == expected_chunks(source, config.ingestion)
     assert result.duration_seconds > 0
     assert set(result.to_dict()) == {"status", "batch_id", "duration_seconds",
                                      "chunks_processed", "bytes_processed", "files",
@@ -350,7 +344,7 @@ async def test_identical_chunks_in_one_batch_restore_byte_exact(
     result = await orchestrator.run_pipeline({"batch_id": "dups", "data_source": str(source)})
 
     assert result.status == "success", result.error
-    assert result.chunks_processed == 30 * (1 + 4)
+    assert result.chunks_processed == 30 * 4 + 1  # the 30 one-byte files share a pack
     assert len(set(orchestrator.storage_manager.manifest.chunk_ids("dups"))) == 3
     assert result.metrics["storage"]["under_replicated"] == 0
     await assert_restored(orchestrator, "dups", source)

@@ -7,6 +7,7 @@ import random
 import tempfile
 from pathlib import Path
 
+from cluster_fixtures import expected_chunks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,7 +60,7 @@ async def test_files_round_trip_byte_exact(orchestrator: PipelineOrchestrator,
         assert result.status == "success", result.error
         assert result.files == len(written)
         assert result.bytes_processed == sum(len(b) for b in written.values())
-        assert result.chunks_processed == sum(-(-len(b) // CHUNK) for b in written.values())
+        assert result.chunks_processed == expected_chunks(source, config.ingestion)
         dest = Path(tmp) / "restored"
         report = await orchestrator.restore_batch(batch_id, dest)
         assert report.failed_files == []

@@ -48,6 +48,12 @@ class IngestionConfig(_Strict):
         4, ge=1, description="full chunks of bytes between read and commit; bounds memory"
     )
     read_ahead: int = Field(2, ge=1, description="chunks read and hashed at once")
+    pack_below_mb: float = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="files smaller than this are packed together into shared chunks (0: off)")
+    pack_size_mb: float = Field(
+        16.0, gt=0, allow_inf_nan=False,
+        description="a pack of small files is sent once it holds this much (at most a chunk)")
 
     @field_validator("chunk_size_mb")
     @classmethod
@@ -62,6 +68,16 @@ class IngestionConfig(_Strict):
     def chunk_size_bytes(self) -> int:
         """The chunk size in bytes (at least 1)."""
         return max(1, int(self.chunk_size_mb * MIB))
+
+    @property
+    def pack_below_bytes(self) -> int:
+        """Files below this size are packed (0: none)."""
+        return min(int(self.pack_below_mb * MIB), self.pack_size_bytes)
+
+    @property
+    def pack_size_bytes(self) -> int:
+        """How full a pack gets: pack_size_mb, at most a chunk."""
+        return max(1, min(int(self.pack_size_mb * MIB), self.chunk_size_bytes))
 
 
 class CompressionConfig(_Strict):

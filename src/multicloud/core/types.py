@@ -71,6 +71,29 @@ class SourceRef:
         return hashlib.sha256(f"{self.store}\0{self.key}\0{self.version}".encode()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class PackMember:
+    """A small file packed into a shared chunk with others: its bytes are the pack's raw
+    bytes `[at, at + size)` (backup tools such as restic and borg pack small files so)."""
+
+    file: str  # path relative to the batch source, as Chunk.file
+    at: int
+    size: int
+    record_format: str | None = None  # "jsonl" / "csv": the node checks its records
+    path: Path | None = field(default=None, compare=False)  # to re-read it; not sent
+
+    def to_json(self) -> list[Any]:
+        """A JSON-ready view (the `process` request carries it)."""
+        return [self.file, self.at, self.size, self.record_format]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> PackMember:
+        """The PackMember a `to_json` view describes."""
+        file, at, size, record_format = raw
+        return cls(str(file), int(at), int(size),
+                   None if record_format is None else str(record_format))
+
+
 @dataclass(slots=True)
 class Chunk:
     """A fixed-size piece of one source file, identified by the SHA-256 of its raw bytes."""
@@ -96,6 +119,9 @@ class Chunk:
     data: bytes | memoryview | None = field(default=None, repr=False, compare=False)
     # In a bucket: the processing node reads the bytes itself (data and path stay None).
     source_ref: SourceRef | None = None
+    # A pack of small files (their bytes one after another): who is where. `file` then
+    # only names the pack in messages, and index and offset are 0.
+    members: tuple[PackMember, ...] = ()
 
     @property
     def placement_key(self) -> str:
@@ -111,6 +137,24 @@ class Chunk:
         """SHA-256 hex of the raw bytes (the chunk id)."""
         return self.chunk_id
 
+    @property
+    def records_context(self) -> str | None:
+        """What checking the chunk's records depends on besides its bytes, as a key (None
+        when it has no records to check): its format, where it stands in its file and the
+        line carried into it; for a pack, where each file with records is in it."""
+        if self.members:
+            formats = [m.to_json()[1:] for m in self.members if m.record_format is not None]
+            if not formats:
+                return None
+            described = repr(formats).encode()
+        elif self.record_format is not None:
+            prefix = self.line_prefix if self.offset > 0 else b""
+            described = repr((self.record_format, self.offset > 0, self.at_file_end,
+                              self.csv_columns, prefix)).encode()
+        else:
+            return None
+        return hashlib.sha256(described).hexdigest()[:32]
+
     def to_json(self) -> dict[str, Any]:
         """The metadata a processing node needs (never the bytes nor the local path)."""
         meta: dict[str, Any] = {name: getattr(self, name) for name in _CHUNK_FIELDS}
@@ -119,6 +163,8 @@ class Chunk:
             meta["line_prefix"] = base64.b64encode(prefix).decode()
         if self.source_ref is not None:
             meta["source_ref"] = self.source_ref.to_json()
+        if self.members:
+            meta["members"] = [member.to_json() for member in self.members]
         return meta
 
     @classmethod
@@ -129,7 +175,8 @@ class Chunk:
         ref = raw.get("source_ref")
         return cls(**fields,
                    line_prefix=base64.b64decode(prefix) if prefix is not None else None,
-                   source_ref=SourceRef.from_json(ref) if ref is not None else None)
+                   source_ref=SourceRef.from_json(ref) if ref is not None else None,
+                   members=tuple(PackMember.from_json(m) for m in raw.get("members") or ()))
 
 
 _CHUNK_FIELDS = ("chunk_id", "file", "index", "offset", "size_bytes", "source_cloud",

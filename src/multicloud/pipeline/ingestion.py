@@ -8,6 +8,12 @@ file is never held whole and the event loop never hashes. A whole-file digest is
 from the chunk ids (SHA-256 over them, like a one-level Merkle tree), so restore can check
 whole files without a second pass over the data here.
 
+Files smaller than `pack_below_mb` are not chunks of their own: they are packed, whole and
+one after another, into a shared chunk of up to `pack_size_mb` (a pack, as restic and borg
+make), which records each file's place in it (`Chunk.members`). Ten thousand small files
+are then a few chunks to process, send, store and restore, not ten thousand. A packed
+file's digest is the same as if it were a chunk alone: SHA-256 over its own SHA-256.
+
 An object in a bucket is not read here at all: its chunks leave as references (bucket,
 key, version, range) with no id yet, a node of the bucket's cloud reads and hashes each,
 and the run hands the id back through `identified`; the file's entry is complete once
@@ -33,7 +39,7 @@ import xxhash
 from multicloud.core import clock
 from multicloud.core.config import IngestionConfig
 from multicloud.core.errors import SourceError
-from multicloud.core.types import Chunk, FileEntry
+from multicloud.core.types import Chunk, FileEntry, PackMember
 from multicloud.node.source_reads import SourceReader
 from multicloud.pipeline.metrics import PipelineMetrics
 from multicloud.pipeline.sources import SourceFile, infer_source_cloud, survey_source
@@ -80,6 +86,41 @@ def _hash(data: bytes | memoryview) -> tuple[str, str]:
     return hashlib.sha256(data).hexdigest(), xxhash.xxh3_128_hexdigest(data)
 
 
+def _file_bytes(source_file: SourceFile) -> bytes | memoryview:
+    """A small file's bytes, whole: held in memory, else read."""
+    if source_file.data is not None:
+        return source_file.data
+    with source_file.path.open("rb") as handle:
+        return handle.read(source_file.size + 1)  # one more: a file that grew shows it
+
+
+def _read_pack(files: tuple[SourceFile, ...]) -> tuple[bytes, str, str, list[str]]:
+    """The pack of files (their bytes one after another), its SHA-256 and xxh3-128, and
+    each file's own SHA-256 (its id in the file's digest)."""
+    parts = []
+    for source_file in files:
+        try:
+            data = _file_bytes(source_file)
+        except OSError as exc:
+            raise SourceError(f"cannot read {source_file.path}: {exc.strerror}") from exc
+        if len(data) != source_file.size:
+            raise SourceError(f"{source_file.path} changed while it was read (expected "
+                              f"{source_file.size} bytes); run again")
+        parts.append(data)
+    data = b"".join(parts)
+    return (data, *_hash(data), [hashlib.sha256(part).hexdigest() for part in parts])
+
+
+def pack_bytes(chunk: Chunk) -> bytes:
+    """Read a pack's files again (a retry after its bytes were dropped)."""
+    files = []
+    for member in chunk.members:
+        if member.path is None:
+            raise SourceError(f"{member.file} was packed from memory and cannot be re-read")
+        files.append(SourceFile(member.file, member.path, member.size))
+    return _read_pack(tuple(files))[0]
+
+
 def _csv_columns(data: bytes | memoryview) -> int | None:
     head = bytes(data[:65536]).split(b"\n", 1)[0]
     if not head:
@@ -119,12 +160,23 @@ class ByteBudget:
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
-    """One chunk-sized read of a source file (length 0 stands for an empty file)."""
+    """One chunk-sized read of a source file (length 0 stands for an empty file), or a pack
+    of small files (`packed`; `file` is then its first)."""
 
     file: SourceFile
     index: int
     offset: int
     length: int
+    packed: tuple[SourceFile, ...] = ()
+
+    def can_pack(self, below: int) -> bool:
+        """Whether this is a whole small file that goes into a pack."""
+        return (0 < self.length == self.file.size < below and self.file.ref is None
+                and self.file.kind == "file")
+
+
+# What reading a piece gives: its bytes, SHA-256, xxh3-128, and for a pack each file's id.
+_Read = tuple[bytes | memoryview, str, str, list[str]]
 
 
 @dataclass
@@ -228,11 +280,45 @@ class DataIngestionEngine:
         with `source_ref` set and no id, for a node to read (see `identified`).
         """
         size = self.config.chunk_size_bytes
-        window: deque[tuple[_Piece, asyncio.Task[tuple[bytes | memoryview, str, str]]]] = \
-            deque()
+        pack_below, pack_size = self.config.pack_below_bytes, self.config.pack_size_bytes
+        window: deque[tuple[_Piece, asyncio.Task[_Read]]] = deque()
         progress = self._progress
+        packing: list[SourceFile] = []
+        packed_bytes = 0
+
+        def start(piece: _Piece) -> None:
+            window.append((piece, asyncio.create_task(self._read(piece))))
+
+        def pack() -> _Piece:
+            nonlocal packing, packed_bytes
+            if len(packing) == 1:  # alone: a chunk like any other
+                piece = _Piece(packing[0], 0, 0, packed_bytes)
+                progress[piece.file.rel_path] = _FileProgress(piece.file)
+            else:
+                piece = _Piece(packing[0], 0, 0, packed_bytes, tuple(packing))
+            packing, packed_bytes = [], 0
+            return piece
+
         try:
             async for piece in _plan(files, size):
+                if piece.can_pack(pack_below):
+                    # Not resumed from `committed`: its pack is made again (small files are
+                    # cheap to read), and rows of the run before are replaced.
+                    if packed_bytes + piece.length > pack_size:
+                        full = pack()
+                        while inflight is not None and inflight.would_block(full.length) \
+                                and window:
+                            yield await self._complete(*window.popleft(), source_cloud,
+                                                       progress)
+                        if inflight is not None:
+                            await inflight.acquire(full.length)
+                        start(full)
+                        if len(window) >= self.config.read_ahead:
+                            yield await self._complete(*window.popleft(), source_cloud,
+                                                       progress)
+                    packing.append(piece.file)
+                    packed_bytes += piece.length
+                    continue
                 state = progress.get(piece.file.rel_path)
                 if state is None:
                     state = progress[piece.file.rel_path] = _FileProgress(piece.file)
@@ -254,9 +340,16 @@ class DataIngestionEngine:
                 if piece.file.ref is not None:
                     yield self._reference(piece, state, source_cloud)
                     continue
-                window.append((piece, asyncio.create_task(self._read(piece))))
+                start(piece)
                 if len(window) >= self.config.read_ahead:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
+            if packing:
+                last = pack()
+                while inflight is not None and inflight.would_block(last.length) and window:
+                    yield await self._complete(*window.popleft(), source_cloud, progress)
+                if inflight is not None:
+                    await inflight.acquire(last.length)
+                start(last)
             while window:
                 yield await self._complete(*window.popleft(), source_cloud, progress)
         finally:
@@ -264,23 +357,24 @@ class DataIngestionEngine:
                 task.cancel()
             await asyncio.gather(*(task for _, task in window), return_exceptions=True)
 
-    async def _read(self, piece: _Piece) -> tuple[bytes | memoryview, str, str]:
+    async def _read(self, piece: _Piece) -> _Read:
         self.metrics.attempt("ingestion")
         with self.metrics.busy("ingestion"):
+            if piece.packed:
+                return await asyncio.to_thread(_read_pack, piece.packed)
             held = piece.file.data
             if held is not None:  # in memory already: cut and hash, no copy
                 view = held[piece.offset:piece.offset + piece.length]
-                return (view, *await asyncio.to_thread(_hash, view))
-            return await asyncio.to_thread(_read_and_hash, piece.file.path, piece.offset,
-                                           piece.length)
+                return (view, *await asyncio.to_thread(_hash, view), [])
+            return (*await asyncio.to_thread(_read_and_hash, piece.file.path, piece.offset,
+                                             piece.length), [])
 
-    async def _complete(self, piece: _Piece,
-                        task: asyncio.Task[tuple[bytes | memoryview, str, str]],
-                        source_cloud: str, progress: dict[str, _FileProgress]) -> Chunk:
+    async def _complete(self, piece: _Piece, task: asyncio.Task[_Read], source_cloud: str,
+                        progress: dict[str, _FileProgress]) -> Chunk:
         started = clock.monotonic()
         source_file = piece.file
         try:
-            data, chunk_id, raw_xxh3 = await task
+            data, chunk_id, raw_xxh3, member_ids = await task
         except OSError as exc:
             self.stats.failures += 1
             self.metrics.failure("ingestion")
@@ -290,6 +384,9 @@ class DataIngestionEngine:
             self.metrics.failure("ingestion")
             raise SourceError(f"{source_file.path} changed while it was read "
                               f"(expected {source_file.size} bytes); run again")
+        if piece.packed:
+            return self._pack_done(piece, data, chunk_id, raw_xxh3, member_ids, source_cloud,
+                                   clock.monotonic() - started)
         state = progress[source_file.rel_path]
         fmt = source_file.record_format
         if fmt == "csv" and piece.index == 0:
@@ -309,6 +406,26 @@ class DataIngestionEngine:
                      path=source_file.path if source_file.data is None else None,
                      record_format=fmt, csv_columns=state.csv_columns,
                      at_file_end=at_end, line_prefix=prefix, raw_xxh3=raw_xxh3, data=data)
+
+    def _pack_done(self, piece: _Piece, data: bytes | memoryview, chunk_id: str,
+                   raw_xxh3: str, member_ids: list[str], source_cloud: str,
+                   seconds: float) -> Chunk:
+        """The chunk of a pack just read; each of its files is complete."""
+        members = []
+        at = 0
+        for source_file, file_id in zip(piece.packed, member_ids, strict=True):
+            members.append(PackMember(source_file.rel_path, at, source_file.size,
+                                      source_file.record_format,
+                                      source_file.path if source_file.data is None else None))
+            at += source_file.size
+            self._file_done(source_file, _FileProgress(source_file, [file_id]))
+        self.metrics.success("ingestion", piece.length, seconds)
+        self.stats.chunks += 1
+        self.stats.bytes += piece.length
+        name = f"a pack of {len(members)} file(s) from {members[0].file}"
+        return Chunk(chunk_id=chunk_id, file=name, index=0, offset=0,
+                     size_bytes=piece.length, source_cloud=source_cloud,
+                     raw_xxh3=raw_xxh3, data=data, members=tuple(members))
 
     def _reference(self, piece: _Piece, state: _FileProgress, source_cloud: str) -> Chunk:
         """A chunk of a bucket object, for a node to read: no bytes, no id yet."""
@@ -397,6 +514,8 @@ async def read_chunk_bytes(chunk: Chunk) -> bytes | memoryview:
     """The raw bytes of a chunk: attached, else re-read from its source file."""
     if chunk.data is not None:
         return chunk.data
+    if chunk.members:
+        return await asyncio.to_thread(pack_bytes, chunk)
     if chunk.path is None:
         raise SourceError(f"chunk {chunk.index} of {chunk.file} has no data and no source path")
     try:

@@ -43,6 +43,7 @@ from multicloud.pipeline.manifest_schema import (
     FILE_COLUMNS,
     SCHEMA_V1,
     SCHEMA_V2,
+    SCHEMA_V3,
     SCHEMA_VERSION,
     BatchRecord,
     ChunkRecord,
@@ -120,12 +121,12 @@ class Manifest:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
-                for statement in (*SCHEMA_V1, *SCHEMA_V2):
+                for statement in (*SCHEMA_V1, *SCHEMA_V2, *SCHEMA_V3):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 log.debug("created manifest %s (schema v%d)", self.path, SCHEMA_VERSION)
-            elif row[0] == 1:
-                for statement in SCHEMA_V2:
+            elif row[0] in (1, 2):
+                for statement in (*(SCHEMA_V2 if row[0] == 1 else ()), *SCHEMA_V3):
                     conn.execute(statement)
                 conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
                 log.info("upgraded manifest %s to schema v%d", self.path, SCHEMA_VERSION)
@@ -266,12 +267,13 @@ class Manifest:
     def record_commits(self, batch_id: str | None, chunks: list[tuple[Chunk, BlobInfo]],
                        replicas: Sequence[tuple[str, str]],
                        hints: Sequence[tuple[str, str]] = (),
-                       unhints: Sequence[tuple[str, str]] = ()) -> None:
+                       unhints: Sequence[tuple[str, str]] = (),
+                       clean: Sequence[tuple[str, str]] = ()) -> None:
         """Record committed chunks, their verified replicas, and the hints given and taken
         back, in one transaction: a crash never leaves a chunk recorded without the
         replicas that committed it (a resumed run skips recorded chunks), nor a chunk
         short of its factor without its hint."""
-        refs = []
+        refs: list[tuple[str | None, str | bytes, int, int, int, str, int]] = []
         blobs = []
         for chunk, blob in chunks:
             if chunk.chunk_id != blob.chunk_id:
@@ -279,8 +281,12 @@ class Manifest:
                     f"chunk {chunk.file}#{chunk.index} has id {chunk.chunk_id} but its blob "
                     f"describes {blob.chunk_id}; pair each chunk with its own BlobInfo"
                 )
-            refs.append((batch_id, db_path(chunk.file), chunk.index, chunk.offset,
-                         chunk.size_bytes, chunk.chunk_id))
+            if chunk.members:  # a pack: a row for each small file in it
+                refs.extend((batch_id, db_path(m.file), 0, 0, m.size, chunk.chunk_id, m.at)
+                            for m in chunk.members)
+            else:
+                refs.append((batch_id, db_path(chunk.file), chunk.index, chunk.offset,
+                             chunk.size_bytes, chunk.chunk_id, 0))
             blobs.append(
                 (blob.chunk_id, blob.raw_size, blob.blob_size, blob.blob_checksum, blob.codec)
             )
@@ -302,7 +308,8 @@ class Manifest:
                 )
                 conn.executemany(
                     "INSERT OR REPLACE INTO file_chunks"
-                    " (batch_id, path, idx, offset, size, chunk_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    " (batch_id, path, idx, offset, size, chunk_id, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     refs,
                 )
             if replicas:
@@ -312,6 +319,10 @@ class Manifest:
             if unhints:
                 conn.executemany("DELETE FROM hints WHERE chunk_id = ? AND node_id = ?",
                                  unhints)
+            if clean:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO clean_records (chunk_id, context) VALUES (?, ?)",
+                    clean)
 
     def add_blob(self, blob: BlobInfo) -> None:
         """Record how an object no file chunk names (a batch's manifest) is stored."""
@@ -398,7 +409,7 @@ class Manifest:
             self._require_batch(conn, batch_id)
             rows = conn.execute(
                 "SELECT fc.path, fc.idx, fc.offset, fc.size, fc.chunk_id,"
-                "  b.blob_size, b.blob_checksum, b.codec"
+                "  b.blob_size, b.blob_checksum, b.codec, fc.at"
                 " FROM file_chunks AS fc JOIN blobs AS b ON b.chunk_id = fc.chunk_id"
                 " WHERE fc.batch_id = ? ORDER BY fc.path, fc.idx",
                 (batch_id,),
@@ -524,10 +535,27 @@ class Manifest:
                 "SELECT DISTINCT chunk_id FROM file_chunks"))
         return ids, any(b.lease_live for b in batches)
 
+    def stored(self, chunk_id: str, context: str | None) -> tuple[BlobInfo, list[str]] | None:
+        """How a chunk is stored and the nodes with a verified replica of it, if some batch
+        stored it (and, given a records context, found its records clean there)."""
+        with self._transaction(write=False) as conn:
+            if context is not None and conn.execute(
+                    "SELECT 1 FROM clean_records WHERE chunk_id = ? AND context = ?",
+                    (chunk_id, context)).fetchone() is None:
+                return None
+            row = conn.execute("SELECT raw_size, blob_size, blob_checksum, codec FROM blobs"
+                               " WHERE chunk_id = ?", (chunk_id,)).fetchone()
+            if row is None:
+                return None
+            holders = [n for (n,) in conn.execute(
+                "SELECT node_id FROM replicas WHERE chunk_id = ? ORDER BY node_id",
+                (chunk_id,))]
+        return BlobInfo(chunk_id, *row), holders
+
     def forget_chunks(self, chunk_ids: list[str]) -> None:
         """Drop the blob, replica and hint rows of chunks gc removed from every node."""
         with self._transaction(write=True) as conn:
-            for table in ("blobs", "replicas", "hints"):
+            for table in ("blobs", "replicas", "hints", "clean_records"):
                 conn.executemany(f"DELETE FROM {table} WHERE chunk_id = ?",
                                  [(c,) for c in chunk_ids])
 
@@ -542,8 +570,8 @@ class Manifest:
             files = [file_entry(r) for r in conn.execute(
                 f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ?", (batch_id,))]
             refs = conn.execute(
-                "SELECT path, idx, offset, size, chunk_id FROM file_chunks WHERE batch_id = ?",
-                (batch_id,)).fetchall()
+                "SELECT path, idx, offset, size, chunk_id, at FROM file_chunks"
+                " WHERE batch_id = ?", (batch_id,)).fetchall()
             blobs = conn.execute(
                 "SELECT b.chunk_id, b.raw_size, b.blob_size, b.blob_checksum, b.codec"
                 " FROM blobs AS b WHERE b.chunk_id IN"
@@ -565,7 +593,9 @@ class Manifest:
                       "result": record.result if result is None else result},
             "files": sorted([f.path, f.size, f.chunk_count, f.digest, f.mode, f.mtime_ns,
                               f.kind, f.link_target, f.quarantine] for f in files),
-            "chunks": sorted([py_path(p), i, o, n, c] for p, i, o, n, c in refs),
+            # A packed file's row has a sixth field, where it starts in its pack.
+            "chunks": sorted([py_path(p), i, o, n, c, *([at] if at else [])]
+                             for p, i, o, n, c, at in refs),
             "blobs": {c: [raw, size, checksum, codec] for c, raw, size, checksum, codec in blobs},
             "replicas": placement,
         }
@@ -579,7 +609,8 @@ class Manifest:
             batch = data["batch"]
             batch_id = str(batch["batch_id"])
             files = [FileEntry(*row) for row in data["files"]]
-            refs = [(batch_id, db_path(p), i, o, n, c) for p, i, o, n, c in data["chunks"]]
+            refs = [(batch_id, db_path(p), i, o, n, c, int(at[0]) if at else 0)
+                    for p, i, o, n, c, *at in data["chunks"]]
             blobs = [(c, *v) for c, v in data["blobs"].items()]
             pairs = [(c, n) for c, nodes in data["replicas"].items() for n in nodes]
             result = batch.get("result")
@@ -612,8 +643,8 @@ class Manifest:
                   f.mtime_ns, f.kind, None if f.link_target is None else db_path(f.link_target),
                   f.quarantine) for f in files])
             conn.executemany(
-                "INSERT OR REPLACE INTO file_chunks (batch_id, path, idx, offset, size, chunk_id)"
-                " VALUES (?, ?, ?, ?, ?, ?)", refs)
+                "INSERT OR REPLACE INTO file_chunks (batch_id, path, idx, offset, size, chunk_id,"
+                " at) VALUES (?, ?, ?, ?, ?, ?, ?)", refs)
             conn.executemany(
                 "INSERT OR IGNORE INTO blobs (chunk_id, raw_size, blob_size, blob_checksum,"
                 " codec) VALUES (?, ?, ?, ?, ?)", blobs)

@@ -1,21 +1,24 @@
 """The manifest's tables, its records, and how rows and file names map to them.
 
 Version 2 added batch fingerprints and leases, the batch's manifest object, file modes,
-times, kinds and quarantine notes, and hints; a version 1 file gains them when opened.
+times, kinds and quarantine notes, and hints; version 3 where a file's piece starts in its
+chunk (a small file packed with others), and the chunks whose records were found clean;
+older files gain them when opened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from multicloud.core.errors import UsageError
+from multicloud.core.errors import IntegrityError, UsageError
 from multicloud.core.types import FileEntry
 from multicloud.core.units import display_path, is_utf8
 from multicloud.pipeline.lease import owner_alive
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_V1 = (
     "CREATE TABLE batches ("
@@ -73,6 +76,17 @@ SCHEMA_V2 = (
     " node_id TEXT NOT NULL,"
     " PRIMARY KEY (chunk_id, node_id)) WITHOUT ROWID",
 )
+# Where a file's piece starts in its chunk's raw bytes: 0 for a chunk cut from the file,
+# the file's place in the pack for a small file packed with others (`size` is its length).
+SCHEMA_V3 = (
+    "ALTER TABLE file_chunks ADD COLUMN at INTEGER NOT NULL DEFAULT 0",
+    # Chunks whose every record parsed where they stood (`Chunk.records_context`): a later
+    # batch with the same chunk in the same place need not send it to be checked again.
+    "CREATE TABLE clean_records ("
+    " chunk_id TEXT NOT NULL,"
+    " context TEXT NOT NULL,"
+    " PRIMARY KEY (chunk_id, context)) WITHOUT ROWID",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +119,11 @@ class BatchRecord:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRecord:
-    """One chunk reference of a file, with the blob it is stored as."""
+    """One chunk reference of a file, with the blob it is stored as.
+
+    The file's bytes `[offset, offset + size)` are the chunk's raw bytes `[at, at + size)`:
+    all of them for a chunk cut from the file, one member's for a pack of small files.
+    """
 
     path: str
     index: int
@@ -115,6 +133,19 @@ class ChunkRecord:
     blob_size: int
     blob_checksum: str
     codec: str
+    at: int = 0
+
+    def piece(self, raw: bytes) -> tuple[bytes, str]:
+        """This file's bytes out of the chunk's raw bytes (all of them, unless packed), and
+        the id the file's digest lists for them: the chunk id for the whole chunk, else
+        the SHA-256 of the piece (a packed file's own id, as if it were a chunk alone)."""
+        if self.at == 0 and self.size == len(raw):
+            return raw, self.chunk_id
+        if self.at + self.size > len(raw):
+            raise IntegrityError(f"chunk {self.chunk_id} holds {len(raw)} bytes, too few for "
+                                 f"{self.size} bytes at {self.at} ({display_path(self.path)})")
+        piece = raw[self.at:self.at + self.size]
+        return piece, hashlib.sha256(piece).hexdigest()
 
 
 BATCH_COLUMNS = ("batch_id, status, source, source_cloud, created_at, finished_at, result,"

@@ -130,6 +130,12 @@ class ProcessingWorkerPool:
         return {file: f"{record.where}: {record.reason}"
                 for file, record in self.metrics.quarantined_files().items()}
 
+    def found_invalid(self, chunk: Chunk) -> bool:
+        """Whether this run found a record of the chunk (or of a file packed in it) that
+        does not parse."""
+        keys = [(m.file, 0) for m in chunk.members] or [(chunk.file, chunk.index)]
+        return any(key in self.metrics.invalid_chunks for key in keys)
+
     def reset(self) -> None:
         """Forget the quarantined files (a new run starts)."""
         self.metrics.invalid_chunks.clear()
@@ -228,17 +234,30 @@ class ProcessingWorkerPool:
         return ProcessedChunk(chunk, node.id, outcome.blob, latency, invalid=invalid)
 
     async def _quarantine(self, chunk: Chunk, problem: InvalidRecord) -> str:
-        """Record a chunk stored although a record of it does not parse; why, as a line."""
+        """Record a chunk stored although a record of it does not parse; why, as a line.
+
+        In a pack, each file with a bad record is noted on its own; the line says how many.
+        """
+        if problem.file is not None:
+            for each in (problem, *problem.more):
+                file = each.file or chunk.file
+                self._note(QuarantinedRecord(file, 0, each.line, each.reason), chunk)
+            first = f"{problem.file}: line {problem.line}: {problem.reason}"
+            return first + (f" (and {len(problem.more)} more file(s) of the pack)"
+                            if problem.more else "")
         record = self.metrics.invalid_chunks.get((chunk.file, chunk.index))
         if record is None:  # a chunk processed again after its node failed is noted once
             record = await self._locate(chunk, problem)
-            if self.metrics.quarantine(record):
-                self.on_event(
-                    "records_invalid", f"{chunk.file}: {record.where}: {record.reason}; "
-                    f"stored as it is", level="warning", file=chunk.file, line=record.line,
-                    reason=record.reason, line_in_file=record.in_file, index=chunk.index,
-                    chunk_id=chunk.chunk_id)
+            self._note(record, chunk)
         return f"{record.where}: {record.reason}"
+
+    def _note(self, record: QuarantinedRecord, chunk: Chunk) -> None:
+        if self.metrics.quarantine(record):
+            self.on_event(
+                "records_invalid", f"{record.file}: {record.where}: {record.reason}; "
+                f"stored as it is", level="warning", file=record.file, line=record.line,
+                reason=record.reason, line_in_file=record.in_file, index=record.chunk,
+                chunk_id=chunk.chunk_id)
 
     async def _locate(self, chunk: Chunk, problem: InvalidRecord) -> QuarantinedRecord:
         """The invalid record with its line in the file, counted from the source when the

@@ -79,6 +79,7 @@ class StorageManager:
         self._flushing_replicas: list[tuple[str, str]] = []  # being written right now
         self._pending_hints: dict[str, set[str]] = {}  # chunk id -> node ids to hint
         self._pending_unhints: list[tuple[str, str]] = []  # hints to take back
+        self._pending_clean: list[tuple[str, str]] = []  # (chunk id, records context)
         self._owed: dict[str, _Owed] = {}
         self._flush_lock = asyncio.Lock()
         self._flushed_at = clock.monotonic()
@@ -137,10 +138,17 @@ class StorageManager:
         self._blobs.update((b.chunk_id, b) for b in blobs if b is not None)
 
     def commit_copy(self, chunk: Chunk, blob: BlobInfo) -> None:
-        """Record a chunk whose bytes this batch already committed (the same content in
-        another file or place): its replicas are the ones recorded, no byte moves."""
+        """Record a chunk whose bytes are stored already (by this batch, in another file or
+        place, or by an earlier batch): its replicas are the ones recorded, no byte moves."""
         if self.batch_id is not None:
             self._pending_chunks.append((chunk, blob))
+        self.chunk_ids.add(blob.chunk_id)  # the run's last repair pass sees to its factor
+        self._blobs[blob.chunk_id] = blob
+
+    def note_clean(self, chunk_id: str, context: str) -> None:
+        """Remember that the chunk's records all parsed where it stands (context: see
+        `Chunk.records_context`), with the next flush."""
+        self._pending_clean.append((chunk_id, context))
 
     def record_late_ack(self, distributed: DistributedChunk, ack: ReplicaAck) -> None:
         """A replica that finished after its chunk was committed."""
@@ -209,8 +217,9 @@ class StorageManager:
             replicas, self._pending_replicas = self._pending_replicas, []
             hinted, self._pending_hints = self._pending_hints, {}
             unhints, self._pending_unhints = self._pending_unhints, []
+            clean, self._pending_clean = self._pending_clean, []
             hints = [(c, n) for c, nodes in sorted(hinted.items()) for n in sorted(nodes)]
-            if not (chunks or replicas or hints or unhints):
+            if not (chunks or replicas or hints or unhints or clean):
                 return
             self._flushing_replicas = replicas
             try:
@@ -219,7 +228,7 @@ class StorageManager:
                     # committed it (a resumed run skips recorded chunks), nor short without
                     # its hint.
                     await asyncio.to_thread(self.manifest.record_commits, self.batch_id,
-                                            chunks, replicas, hints, unhints)
+                                            chunks, replicas, hints, unhints, clean)
             except BaseException:
                 # Keep them for the next flush (a full disk may have room once the writes
                 # in flight are done); writing them twice is harmless, all are upserts.
@@ -228,6 +237,7 @@ class StorageManager:
                 for chunk_id, nodes in hinted.items():
                     self._pending_hints.setdefault(chunk_id, set()).update(nodes)
                 self._pending_unhints[:0] = unhints
+                self._pending_clean[:0] = clean
                 raise
             finally:
                 self._flushing_replicas = []

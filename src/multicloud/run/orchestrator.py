@@ -20,8 +20,9 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from multicloud.core.errors import (
 )
 from multicloud.core.network import TrafficLedger
 from multicloud.core.types import (
+    BlobInfo,
     Chunk,
     DistributedChunk,
     NodeStatus,
@@ -81,6 +83,24 @@ log = logging.getLogger(__name__)
 FILE_ENTRIES_HELD = 10_000
 
 
+@dataclass
+class _StoredAlready:
+    """What a run found stored already, and the node listings it asked for (once each)."""
+
+    chunks: int = 0
+    bytes: int = 0
+    _listings: dict[str, set[str]] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    async def listing(self, node_id: str,
+                      fetch: Callable[[str], Awaitable[set[str]]]) -> set[str]:
+        """The objects node_id held when first asked during this run."""
+        async with self._locks.setdefault(node_id, asyncio.Lock()):
+            if node_id not in self._listings:
+                self._listings[node_id] = await fetch(node_id)
+        return self._listings[node_id]
+
+
 class PipelineOrchestrator:
     """Coordinates complete end-to-end pipeline execution."""
 
@@ -119,6 +139,7 @@ class PipelineOrchestrator:
         self._context = contextvars.copy_context()
         self._owner = this_owner(secrets.token_hex(4))  # each orchestrator its own lease
         self._skipped: list[dict[str, str]] = []
+        self._stored = _StoredAlready()
 
     # -- the run's state, as the user's dashboard code reads it ----------------------------
 
@@ -233,6 +254,7 @@ class PipelineOrchestrator:
             await self.processing_pool.configure_nodes()
             self._skipped = [{"file": e.path, "kind": e.kind, "reason": e.reason}
                              for e in listing.skipped]
+            self._stored = _StoredAlready()
             self.live.emit("pipeline_started",
                            f"batch {batch_id}: {listing.count} files, {self.live.total_bytes} "
                            f"bytes from {source} ({cloud})"
@@ -529,11 +551,7 @@ class PipelineOrchestrator:
                           inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
-            # The same bytes committed already (another file of the batch, or the run this
-            # one resumes): record where they are, send nothing. Not for a chunk whose
-            # records are checked: that check depends on its file, not only its bytes.
-            known = (self.storage_manager.committed_blob(chunk.chunk_id)
-                     if chunk.chunk_id and chunk.record_format is None else None)
+            known = await self._stored_already(chunk)
             if known is not None:
                 chunk.data = None
                 self.storage_manager.commit_copy(chunk, known)
@@ -541,12 +559,60 @@ class PipelineOrchestrator:
                 distributed = await self.processing_pool.on_nodes(
                     chunk, lambda node: self._process_and_distribute(node, chunk, force))
                 self.storage_manager.commit(distributed)
+                context = self._records_context(chunk)
+                if context is not None and not self.processing_pool.found_invalid(chunk):
+                    self.storage_manager.note_clean(chunk.chunk_id, context)
             await self.storage_manager.flush(force=False)
             self.live.committed(chunk.size_bytes)
         finally:
             await inflight.release(chunk.size_bytes)
         if len(self.ingestion_engine.stats.file_entries) >= FILE_ENTRIES_HELD:
             await self._record_files(batch_id)
+
+    def _records_context(self, chunk: Chunk) -> str | None:
+        """What checking the chunk's records depends on, None when the run checks none."""
+        processing = self.config.processing
+        if "validate" not in processing.transforms or not processing.parse_records:
+            return None
+        return chunk.records_context
+
+    async def _stored_already(self, chunk: Chunk) -> BlobInfo | None:
+        """The blob of a chunk the cluster holds already, for this chunk to be recorded
+        against without a byte moving; None when it must go through processing.
+
+        Held already: committed by this batch (the same bytes in another file, or by the
+        run this one resumes), or by an earlier batch with a verified replica on at least
+        `replication_factor` healthy nodes that still list it. A chunk whose records are
+        checked counts only where the same check found them clean before (the check
+        depends on where the chunk stands in its file, not only on its bytes). Encrypted
+        blobs are never reused across batches: this run's key may not be the one they
+        were sealed with.
+        """
+        if not chunk.chunk_id:
+            return None  # in a bucket: its node has yet to read it
+        context = self._records_context(chunk)
+        if context is None:
+            known = self.storage_manager.committed_blob(chunk.chunk_id)
+            if known is not None:
+                return known
+        if "encrypt" in self.config.processing.transforms:
+            return None  # the key may have changed since: a stored blob may not open with it
+        found = await asyncio.to_thread(self.storage_manager.manifest.stored, chunk.chunk_id,
+                                        context)
+        if found is None or "aes" in found[0].codec:
+            return None
+        blob, holders = found
+        listed = 0
+        for node_id in holders:
+            node = self.node_registry.nodes.get(node_id)
+            if node is not None and node.healthy and \
+                    chunk.chunk_id in await self._stored.listing(node_id, self._listing):
+                listed += 1
+        if listed < self.config.distribution.replication_factor:
+            return None
+        self._stored.chunks += 1
+        self._stored.bytes += chunk.size_bytes
+        return blob
 
     async def _record_files(self, batch_id: str) -> None:
         """Write the files ingestion has finished to the manifest, and forget them here:
@@ -610,6 +676,10 @@ class PipelineOrchestrator:
         summary = run_summary(self.metrics, facts)
         summary["ingestion"]["skipped_entries"] = self._skipped
         summary["resumed_chunks"] = stats.resumed_chunks
+        # Held at the replication factor already (by an earlier batch, or this one): not
+        # processed, sent or charged again.
+        summary["already_stored"] = {"chunks": self._stored.chunks,
+                                     "bytes": self._stored.bytes}
         result = PipelineResult(status="success", batch_id=batch_id,
                                 duration_seconds=facts.duration_s,
                                 chunks_processed=stats.chunks + stats.resumed_chunks,
