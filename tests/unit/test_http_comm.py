@@ -1,11 +1,12 @@
 """The HTTP carrier's own details: `HttpComm` against real `NodeServer`s on loopback.
 
 What every carrier must do alike (the node operations, their faults) is the contract
-suite's; here is what only HTTP has: bodies streamed in pieces with their length, the
-metadata header and its size, status codes and what odd answers become, the token, the
-body limit, the metrics endpoint, and the node process around the service (binding,
-`--allow-faults`, draining on stop). No subprocesses: servers listen inside the test's
-event loop.
+suite's; here is what only HTTP has: bodies streamed in pieces with their length and
+received into reused, page-aligned buffers (a body changed or cut short on the way stores
+nothing), the metadata header and its size, status codes and what odd answers become,
+the token, the body limit, the metrics endpoint, and the node process around the service
+(binding, `--allow-faults`, draining on stop). No subprocesses: servers listen inside the
+test's event loop.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from multicloud.comm import wire
 from multicloud.comm.http import PIECE, HttpComm, bind_socket, start_node_server
 from multicloud.core import errors
 from multicloud.core.auth import auth_header
+from multicloud.core.buffers import padded
 from multicloud.core.config import ProcessingConfig, ServiceConfig
 from multicloud.core.errors import (
     ChunkNotFound,
     ClusterError,
+    IntegrityError,
     MulticloudError,
     NodeUnavailable,
     StorageError,
@@ -201,6 +204,77 @@ async def test_an_oversized_body_is_refused_with_413(tmp_path: Path, comm: HttpC
             assert resp.status == 413
             assert (await resp.json())["error"] == "too_large"
         assert (await comm.call(target, Request("health"))).meta["status"] == "ok"
+
+
+def stored_nothing(server: NodeServer) -> bool:
+    """No object and no temp file on the node."""
+    store = service_of(server).store
+    assert isinstance(store, ChunkStore)
+    return store.usage() == (0, 0) and not list((store.root / "tmp").iterdir())
+
+
+async def test_a_body_changed_on_the_way_is_refused_and_nothing_is_stored(
+        node: NodeServer, comm: HttpComm) -> None:
+    for size in (PIECE // 2, 3 * PIECE):  # read into bytes, and into a pooled buffer
+        blob, info = make_blob(random.Random(size).randbytes(size))
+        changed = bytearray(blob)
+        changed[len(changed) // 2] ^= 0xFF  # a bit flipped between the two nodes
+        with pytest.raises(IntegrityError, match=r"does not match the sender's.*nothing was "
+                                                 r"stored"):
+            await comm.call(address(node), put(info, bytes(changed), GCP))
+        assert not service_of(node).has(info.chunk_id)
+    assert stored_nothing(node)
+
+    # The refused body's buffer goes back to the pool (once the node's I/O thread has let
+    # go of it): the next body lands in it, intact.
+    await eventually(lambda: node.buffers.settle() > 0, "the buffer back in the pool")
+    blob, info = make_blob(random.Random(9).randbytes(3 * PIECE))
+    await comm.call(address(node), put(info, blob, GCP))
+    assert node.buffers.allocated == 1
+    assert service_of(node).store.path_for(info.chunk_id).read_bytes() == blob
+
+
+async def test_a_body_cut_short_stores_nothing_and_frees_its_buffer(
+        node: NodeServer, comm: HttpComm) -> None:
+    blob, info = make_blob(random.Random(11).randbytes(3 * PIECE))
+    port = int(node.url.rsplit(":", 1)[1])
+    meta = wire.encode_meta({"chunk_id": info.chunk_id, "checksum": info.blob_checksum})
+    head = "".join(f"{name}: {value}\r\n" for name, value in {
+        **auth_header(TOKEN), wire.META_HEADER: meta, wire.BODY_HEADER: "1",
+        "Content-Length": str(len(blob)), "Host": "127.0.0.1"}.items())
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /v1/put HTTP/1.1\r\n{head}\r\n".encode() + blob[:len(blob) // 2])
+    await writer.drain()
+    await eventually(lambda: node.buffers.allocated == 1, "the node to start reading the body")
+    writer.close()  # the sender dies half-way
+    await writer.wait_closed()
+    await eventually(lambda: node.buffers.settle() > 0, "the buffer back in the pool")
+    assert stored_nothing(node)
+
+    await comm.call(address(node), put(info, blob, GCP))  # the whole body, on a new connection
+    assert node.buffers.allocated == 1
+    assert service_of(node).store.path_for(info.chunk_id).read_bytes() == blob
+
+
+async def test_bodies_in_a_row_reuse_one_buffer_the_store_can_write_direct(
+        node: NodeServer, comm: HttpComm, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = service_of(node).store
+    direct: list[bool] = []
+    store_put = store.put
+
+    def put_and_look(chunk_id: str, blob: bytes | memoryview) -> None:
+        direct.append(padded(blob) is not None)  # whole pages: O_DIRECT, no page-cache copy
+        store_put(chunk_id, blob)
+
+    monkeypatch.setattr(store, "put", put_and_look)
+    blobs = [make_blob(random.Random(i).randbytes(PIECE + i * 100_000)) for i in range(5)]
+    for blob, info in blobs:
+        await comm.call(address(node), put(info, blob, GCP))
+        await eventually(lambda: node.buffers.settle() > 0, "the buffer back in the pool")
+    assert direct == [True] * len(blobs)
+    assert node.buffers.allocated == 1
+    for blob, info in blobs:  # each object is its own body, not a later one's
+        assert store.path_for(info.chunk_id).read_bytes() == blob
 
 
 # -- metadata --------------------------------------------------------------------------------

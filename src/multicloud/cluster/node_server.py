@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from multicloud.blob.validate import warm_up
+from multicloud.comm.bodies import BodyBuffers
 from multicloud.comm.http import HttpComm, bind_socket, start_node_server
 from multicloud.control.membership import RegistryClient
 from multicloud.core.config import ClusterConfig, ServiceConfig
@@ -59,6 +60,7 @@ class NodeServer:
         # config that names no bucket for this node, means the local disk.
         self.cluster = cluster
         self.node: NodeService | None = None
+        self.buffers = BodyBuffers()  # what the bodies it receives land in, reused
         self._peers = HttpComm(token)
         self._registry: RegistryClient | None = None
         self._runner: web.AppRunner | None = None
@@ -88,7 +90,8 @@ class NodeServer:
                                     self._peers, allow_faults=self.allow_faults)
             self._runner = await start_node_server(
                 self.node, self.token, sock,
-                max_body_bytes=int(self.service_config.max_body_mb * 1024 * 1024))
+                max_body_bytes=int(self.service_config.max_body_mb * 1024 * 1024),
+                buffers=self.buffers)
         except BaseException:
             sock.close()
             raise

@@ -4,17 +4,19 @@ Copies are what a chunk costs most on the machines this runs on (a memory copy r
 2 GiB/s a core, against 20 GiB/s for xxh3 over the same bytes), and a buffered write is a
 copy into the page cache for every replica. A write with O_DIRECT instead hands the disk
 the buffer itself, which needs the buffer to start on a page and span whole pages: so the
-processing stage seals each blob into an `aligned` buffer, and a store that finds one
-(`padded`) writes it direct. Anything else (bytes received from a peer, a slice) is written
-the ordinary way.
+processing stage seals each blob into an `aligned` buffer, a node server receives a body
+into one (multicloud.comm.bodies), and a store that finds one (`padded`) writes it direct.
+Anything else (bytes, a slice that does not start its buffer) is written the ordinary way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 
 PAGE = mmap.PAGESIZE
+HUGE_PAGE = 2 * 1024 * 1024
 
 
 def round_up(size: int) -> int:
@@ -24,8 +26,17 @@ def round_up(size: int) -> int:
 
 def aligned(size: int) -> memoryview:
     """A writable buffer of size bytes that starts on a page boundary; the rest of its last
-    page is padding, outside the view (anonymous memory: zeroed, freed with the view)."""
-    return memoryview(mmap.mmap(-1, round_up(size)))[:size]
+    page is padding, outside the view (anonymous memory: zeroed, freed with the view).
+
+    Private, and advised to use huge pages: Python's default for an anonymous mmap is
+    shared memory, which costs several times more to fill (0.9 s a GiB here, against
+    0.1-0.2 s for private memory in huge pages).
+    """
+    backing = mmap.mmap(-1, round_up(size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= HUGE_PAGE:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            backing.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(backing)[:size]
 
 
 def padded(view: bytes | memoryview) -> memoryview | None:
