@@ -2,7 +2,8 @@
 
 1. Ingestion of one 1 GiB file against a bare read + SHA-256 loop over the same file.
 2. End to end (gen-data, 6 nodes, RF 3, time_scale 0) against the disk floor (three
-   `cp -r` copies + `sync`) and `rclone copy --checksum` to three folders (+ `sync`).
+   `cp -r` copies + `sync`) and `rclone copy --checksum` to three folders (+ `sync`), and
+   the pipeline's CPU seconds (user + sys).
 3. Peak RSS of the pipeline for 1 GiB and 4 GiB of input.
 4. Observability (dashboard, JSON log, /metrics) on against off.
 5. Processing latency of 100 KiB chunks (p50, p99).
@@ -13,10 +14,18 @@
 8. Object stores (--no-clouds skips): the dataset from an S3-emulator bucket to replicas on
    the S3, GCS and Azure Blob emulators, against `rclone copy --checksum` to the same three
    (benchmarks/cloud_bench.py).
+9. Small files (--small-files 0 skips; benchmarks/small_files_bench.py): 10,000 files of
+   1 KiB against `rclone copy --checksum` x 3, their size on disk and directories, and
+   verify and restore of 20,000 in ms per file; then the 1 GiB dataset again as a second
+   batch (nothing is sent twice).
+10. Control plane at scale (--control-chunks 0 skips): placement decisions, manifest commits
+   and registry heartbeats for 1,000 simulated nodes in 4 clouds and a million chunks, no
+   data (benchmarks/control_plane_bench.py, in a child).
 
 Writes bench-out/report.md and bench-out/results.json. Usage:
     python benchmarks/run_benchmarks.py [--size 1GiB] [--big 4GiB] [--out bench-out]
                                         [--cluster-runs 3] [--before REV] [--no-clouds]
+                                        [--small-files 10000] [--control-chunks 1000000]
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from cloud_bench import cloud_section, table_rows
+from control_plane_bench import control_plane_section
+from control_plane_bench import table_rows as control_plane_rows
+from small_files_bench import render_lines, second_batch_section, small_files_section
 
 from multicloud import (
     DataIngestionEngine,
@@ -101,17 +113,14 @@ def pipeline_seconds(cli: list[str], source: Path, data_dir: Path, batch_id: str
 
 
 def cluster_against_embedded(source: Path, out: Path, runs: int) -> dict[str, Any]:
-    """Alternate embedded runs (fresh data dir each) and runs on a cluster of processes.
+    """Alternate embedded runs and runs on a cluster of processes, each on an empty cluster
+    (a cluster that holds the data already sends none of it again).
 
-    One warm-up run of each comes first (page cache, first imports in the new processes),
-    as a user's cluster is up before their batches run; it is reported, not averaged.
+    Each cluster is up and its nodes ready before its run starts, as a user's cluster is;
+    the figure is the pipeline's own duration. One warm-up run of each comes first (page
+    cache); it is reported, not averaged.
     """
     data = out / "cluster-mode"
-    shutil.rmtree(data, ignore_errors=True)
-    up = subprocess.run([*CLI, "cluster", "up", "--data-dir", str(data), "--config-dir",
-                         "/nonexistent", "--registry-port", "0", "--node-base-port", "0",
-                         "--json"], capture_output=True, text=True, check=True)
-    registry = json.loads(up.stdout)["registry"]
     embedded: list[float] = []
     cluster: list[float] = []
     try:
@@ -119,12 +128,20 @@ def cluster_against_embedded(source: Path, out: Path, runs: int) -> dict[str, An
             shutil.rmtree(out / "embedded", ignore_errors=True)
             drop_caches()
             embedded.append(pipeline_seconds(CLI, source, out / "embedded", f"e{i}"))
-            drop_caches()
-            cluster.append(pipeline_seconds(CLI, source, data, f"c{i}", "--cluster", registry))
+            shutil.rmtree(data, ignore_errors=True)
+            up = subprocess.run([*CLI, "cluster", "up", "--data-dir", str(data),
+                                 "--config-dir", "/nonexistent", "--registry-port", "0",
+                                 "--node-base-port", "0", "--json"], capture_output=True,
+                                text=True, check=True)
+            try:
+                drop_caches()
+                cluster.append(pipeline_seconds(CLI, source, data, f"c{i}", "--cluster",
+                                                json.loads(up.stdout)["registry"]))
+            finally:
+                subprocess.run([*CLI, "cluster", "down", "--data-dir", str(data)],
+                               check=True, capture_output=True)
             print(f"  embedded {embedded[-1]:.2f}s, cluster {cluster[-1]:.2f}s", flush=True)
     finally:
-        subprocess.run([*CLI, "cluster", "down", "--data-dir", str(data)], check=True,
-                       capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(out / "embedded", ignore_errors=True)
     mean_e, mean_c = sum(embedded[1:]) / runs, sum(cluster[1:]) / runs
@@ -165,7 +182,8 @@ def embedded_against_revision(source: Path, out: Path, rev: str, runs: int) -> d
 
 
 def run_pipeline(source: Path, data_dir: Path) -> tuple[float, int, dict[str, Any]]:
-    """Run the CLI in a child; returns (wall seconds incl. sync, its peak RSS bytes, result)."""
+    """Run the CLI in a child; returns (wall seconds incl. sync, its peak RSS bytes, result
+    with the child's CPU seconds added as result["cpu_s"])."""
     shutil.rmtree(data_dir, ignore_errors=True)
     drop_caches()
     stdout = data_dir.with_suffix(".json")
@@ -179,6 +197,8 @@ def run_pipeline(source: Path, data_dir: Path) -> tuple[float, int, dict[str, An
     result = json.loads(stdout.read_text())
     if os.waitstatus_to_exitcode(status) != 0 or result["status"] != "success":
         raise SystemExit(f"pipeline failed: {result.get('error')}")
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    result["cpu_user_s"], result["cpu_sys_s"] = usage.ru_utime, usage.ru_stime
     return wall, usage.ru_maxrss * 1024, result
 
 
@@ -318,6 +338,10 @@ def main() -> None:
                         help="also compare the embedded pipeline with git revision REV")
     parser.add_argument("--clouds", action=argparse.BooleanOptionalAction, default=True,
                         help="object stores on emulators: multicloud against rclone")
+    parser.add_argument("--small-files", type=int, default=10_000,
+                        help="files of 1 KiB for the small-files section (0 skips)")
+    parser.add_argument("--control-chunks", type=int, default=1_000_000,
+                        help="control plane at scale: chunk ids placed and committed (0 skips)")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -348,6 +372,8 @@ def main() -> None:
         "replica_bytes_written": written,
         "stage_breakdown_s": result["metrics"]["stage_breakdown_s"],
         "peak_rss_bytes": rss,
+        "cpu_s": result["cpu_s"], "cpu_user_s": result["cpu_user_s"],
+        "cpu_sys_s": result["cpu_sys_s"], "cpu_s_per_gib": result["cpu_s"] / (size / 2**30),
     }
     print(f"end to end: pipeline {wall:.2f}s, cp floor {cp_wall:.2f}s, rclone "
           f"{rclone_wall if rclone_wall is None else round(rclone_wall, 2)}s, peak RSS "
@@ -398,6 +424,18 @@ def main() -> None:
         print("object stores (emulators), multicloud against rclone:", flush=True)
         results["clouds"] = cloud_section(source, out)
 
+    # 9. many small files, and the same data again as a new batch
+    if args.small_files:
+        print("small files:", flush=True)
+        results["small_files"] = small_files_section(out, args.small_files)
+    print("the same data again as a new batch:", flush=True)
+    results["second_batch"] = second_batch_section(source, out)
+
+    # 10. the control plane at scale: simulated nodes, no data
+    if args.control_chunks:
+        print("control plane at scale (simulated nodes, no data):", flush=True)
+        results["control_plane"] = control_plane_section(out, args.control_chunks)
+
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(render(results))
     print(render(results))
@@ -417,6 +455,9 @@ def render(r: dict[str, Any]) -> str:
         f"| rclone copy --checksum x 3 + sync | "
         f"{'n/a' if e2e['rclone_s'] is None else format(e2e['rclone_s'], '.2f') + ' s'} |",
         f"| pipeline / cp floor | {e2e['pipeline_over_cp']:.2f} |",
+        f"| pipeline / rclone | {_ratio(e2e['pipeline_over_rclone'])} |",
+        f"| pipeline CPU (user + sys) | {e2e['cpu_s']:.2f} s ({e2e['cpu_user_s']:.2f} + "
+        f"{e2e['cpu_sys_s']:.2f}), {e2e['cpu_s_per_gib']:.2f} s per GiB |",
         f"| replica bytes written (compressed) | {format_bytes(e2e['replica_bytes_written'])} |",
         f"| peak RSS | {format_bytes(e2e['peak_rss_bytes'])} |",
     ]
@@ -441,9 +482,16 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"| embedded, {ba['rev'][:10]} / this revision, pipeline s | "
                      f"{_runs(ba['before_s'])} / {_runs(ba['after_s'])}: this revision at "
                      f"{ba['after_throughput_over_before']:.2f} of the earlier throughput |")
+    lines.extend(render_lines(r))
     if "clouds" in r:
         lines.extend(table_rows(r["clouds"]))
+    if "control_plane" in r:
+        lines.extend(control_plane_rows(r["control_plane"]))
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _runs(seconds: list[float]) -> str:
