@@ -122,3 +122,60 @@ async def test_small_files_travel_in_packs_and_come_back_exact(
     assert_same_tree(source, tmp_path / "back")
     report = await orchestrator.verify_batch("small")
     assert not report.problems
+
+
+async def test_a_reused_chunk_removed_during_the_run_fails_the_batch_until_run_again(
+        orchestrator: PipelineOrchestrator, node_registry: Cluster, tmp_path: Path) -> None:
+    source = dataset(tmp_path / "src")
+    await run(orchestrator, "first", source)
+    manifest = orchestrator.storage_manager.manifest
+    big = next(r for r in manifest.chunks("first") if r.path == "big.bin")
+    removed = False
+    check = orchestrator._check_reused
+
+    async def gc_meanwhile() -> None:
+        # What a delete + gc of "first" does while "second" runs: after "second" decided
+        # to reuse the chunk, every copy of it goes.
+        nonlocal removed
+        if not removed:
+            removed = True
+            for node_id in manifest.replicas([big.chunk_id])[big.chunk_id]:
+                await node_registry.client.delete(node_registry.get(node_id), big.chunk_id)
+        await check()
+
+    orchestrator._check_reused = gc_meanwhile  # type: ignore[method-assign]
+    failed = await orchestrator.run_pipeline({"batch_id": "second",
+                                              "data_source": str(source)})
+    assert failed.status == "failed"
+    assert "1 chunk(s) this batch found stored already are on no healthy node" in \
+        (failed.error or "")
+    assert "run the same command again" in (failed.error or "")
+
+    again = await run(orchestrator, "second", source)  # resumes, sends the lost chunk
+    assert again["metrics"]["processing"]["attempted"] >= 1
+    await orchestrator.restore_batch("second", tmp_path / "back")
+    assert_same_tree(source, tmp_path / "back")
+
+
+async def test_packed_files_resume_by_packing_again_whatever_the_settings(
+        node_registry: Cluster, config: PipelineConfig, tmp_path: Path) -> None:
+    source = dataset(tmp_path / "src")
+    first = PipelineOrchestrator(node_registry, config=config)
+    try:
+        await run(first, "b", source)
+        # As if the run had been interrupted after committing everything.
+        first.storage_manager.manifest.finish_batch("b", "interrupted")
+    finally:
+        await first.close()
+    unpacked = config.replace(ingestion={"pack_below_mb": 0})  # the files are chunks now
+    again = PipelineOrchestrator(node_registry, config=unpacked)
+    try:
+        result = await run(again, "b", source)
+        # The files packed before are not resumed from their pack's rows: read again.
+        chunked = ("big.bin", "logs/app.jsonl", "tables/t.csv")
+        assert result["metrics"]["resumed_chunks"] == sum(
+            -(-(source / name).stat().st_size // CHUNK) for name in chunked)
+        await again.restore_batch("b", tmp_path / "back")
+    finally:
+        await again.close()
+    assert_same_tree(source, tmp_path / "back")

@@ -105,9 +105,10 @@ def test_round_trip_of_every_method(manifest: Manifest) -> None:
 
     assert manifest.files("b1") == sorted(files, key=lambda f: f.path)
     assert manifest.chunks("b1") == [
-        ChunkRecord("a.txt", 0, 0, 7, a0[0].chunk_id, 9, a0[1].blob_checksum, "zstd"),
-        ChunkRecord("a.txt", 1, 7, 7, a1[0].chunk_id, 9, a1[1].blob_checksum, "zstd"),
-        ChunkRecord("dir/b.csv", 0, 0, 4, b0[0].chunk_id, 6, b0[1].blob_checksum, "zstd"),
+        ChunkRecord("a.txt", 0, 0, 7, a0[0].chunk_id, 9, a0[1].blob_checksum, "zstd", 0, 7),
+        ChunkRecord("a.txt", 1, 7, 7, a1[0].chunk_id, 9, a1[1].blob_checksum, "zstd", 0, 7),
+        ChunkRecord("dir/b.csv", 0, 0, 4, b0[0].chunk_id, 6, b0[1].blob_checksum, "zstd", 0,
+                    4),
     ]
     assert manifest.chunk_ids("b1") == sorted(c.chunk_id for c, _ in (a0, a1, b0))
     assert manifest.blob(a1[0].chunk_id) == a1[1]

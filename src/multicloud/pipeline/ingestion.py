@@ -91,7 +91,7 @@ def _file_bytes(source_file: SourceFile) -> bytes | memoryview:
     if source_file.data is not None:
         return source_file.data
     with source_file.path.open("rb") as handle:
-        return handle.read(source_file.size + 1)  # one more: a file that grew shows it
+        return handle.read(source_file.size)  # as a chunk is read: a file that grew is cut
 
 
 def _read_pack(files: tuple[SourceFile, ...]) -> tuple[bytes, str, str, list[str]]:
@@ -375,6 +375,10 @@ class DataIngestionEngine:
         source_file = piece.file
         try:
             data, chunk_id, raw_xxh3, member_ids = await task
+        except SourceError:  # a packed file that could not be read or shrank
+            self.stats.failures += 1
+            self.metrics.failure("ingestion")
+            raise
         except OSError as exc:
             self.stats.failures += 1
             self.metrics.failure("ingestion")

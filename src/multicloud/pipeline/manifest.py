@@ -409,7 +409,7 @@ class Manifest:
             self._require_batch(conn, batch_id)
             rows = conn.execute(
                 "SELECT fc.path, fc.idx, fc.offset, fc.size, fc.chunk_id,"
-                "  b.blob_size, b.blob_checksum, b.codec, fc.at"
+                "  b.blob_size, b.blob_checksum, b.codec, fc.at, b.raw_size"
                 " FROM file_chunks AS fc JOIN blobs AS b ON b.chunk_id = fc.chunk_id"
                 " WHERE fc.batch_id = ? ORDER BY fc.path, fc.idx",
                 (batch_id,),

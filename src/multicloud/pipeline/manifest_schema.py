@@ -134,6 +134,12 @@ class ChunkRecord:
     blob_checksum: str
     codec: str
     at: int = 0
+    raw_size: int = 0  # of the whole chunk (a pack's, for a packed file)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the file's piece is all of its chunk (not one file of a pack)."""
+        return self.at == 0 and self.size == self.raw_size
 
     def piece(self, raw: bytes) -> tuple[bytes, str]:
         """This file's bytes out of the chunk's raw bytes (all of them, unless packed), and

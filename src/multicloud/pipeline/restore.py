@@ -459,6 +459,9 @@ class SharedChunks:
             task = self._fetches.pop(chunk_id, None)
             if task is not None and not task.done():
                 task.cancel()  # fetched ahead for files that failed before they took it
+            if task is not None:
+                # Nobody awaits it again: its outcome (a failure too) is retrieved here.
+                task.add_done_callback(_retrieved)
 
 
 async def _gather(entry: FileEntry, records: list[ChunkRecord],
@@ -543,3 +546,8 @@ def _failed(report: RestoreReport, failures: dict[str, str], path: str, why: str
     log.error("restore of %s failed: %s", display_path(path), why)
     report.failed_files.append(path)
     failures[path] = why
+
+
+def _retrieved(task: asyncio.Task[bytes | None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -97,7 +97,7 @@ def commit_group(dest: Path, group: list[tuple[FileEntry, Pieces]],
         placed: list[tuple[FileEntry, Path]] = []
         for tmp, (entry, target) in list(pending.items()):
             if stopping.is_set():
-                return outcomes
+                break  # the ones placed already still get their renames made durable
             try:
                 os.replace(tmp, target)
             except OSError as exc:  # e.g. a directory where the file goes

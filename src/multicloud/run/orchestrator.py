@@ -89,6 +89,7 @@ class _StoredAlready:
 
     chunks: int = 0
     bytes: int = 0
+    reused: set[str] = field(default_factory=set)  # ids an earlier batch stored
     _listings: dict[str, set[str]] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
@@ -340,8 +341,10 @@ class PipelineOrchestrator:
         nodes = sorted({n for holders in held.values() for n in holders})
         listed = dict(zip(nodes, await asyncio.gather(*(self._listing(n) for n in nodes)),
                           strict=True))
+        # A file packed with others is not resumed on its own: its pack is made again
+        # (whatever the pack settings are now), and is stored already if it comes out the same.
         return {(r.path, r.index): (r.offset, r.size, r.chunk_id) for r in records
-                if any(r.chunk_id in listed[n] for n in held[r.chunk_id])}
+                if r.whole and any(r.chunk_id in listed[n] for n in held[r.chunk_id])}
 
     async def _listing(self, node_id: str) -> set[str]:
         """The objects a node holds (none when it is down or does not answer)."""
@@ -551,7 +554,7 @@ class PipelineOrchestrator:
                           inflight: ByteBudget) -> None:
         """One chunk through processing, distribution and storage, moving on when a node fails."""
         try:
-            known = await self._stored_already(chunk)
+            known = await self._stored_already(chunk, force)
             if known is not None:
                 chunk.data = None
                 self.storage_manager.commit_copy(chunk, known)
@@ -576,7 +579,7 @@ class PipelineOrchestrator:
             return None
         return chunk.records_context
 
-    async def _stored_already(self, chunk: Chunk) -> BlobInfo | None:
+    async def _stored_already(self, chunk: Chunk, force: bool) -> BlobInfo | None:
         """The blob of a chunk the cluster holds already, for this chunk to be recorded
         against without a byte moving; None when it must go through processing.
 
@@ -586,7 +589,8 @@ class PipelineOrchestrator:
         checked counts only where the same check found them clean before (the check
         depends on where the chunk stands in its file, not only on its bytes). Encrypted
         blobs are never reused across batches: this run's key may not be the one they
-        were sealed with.
+        were sealed with, nor by a batch forced across clouds (where they are is not
+        checked against that).
         """
         if not chunk.chunk_id:
             return None  # in a bucket: its node has yet to read it
@@ -595,7 +599,7 @@ class PipelineOrchestrator:
             known = self.storage_manager.committed_blob(chunk.chunk_id)
             if known is not None:
                 return known
-        if "encrypt" in self.config.processing.transforms:
+        if force or "encrypt" in self.config.processing.transforms:
             return None  # the key may have changed since: a stored blob may not open with it
         found = await asyncio.to_thread(self.storage_manager.manifest.stored, chunk.chunk_id,
                                         context)
@@ -612,7 +616,26 @@ class PipelineOrchestrator:
             return None
         self._stored.chunks += 1
         self._stored.bytes += chunk.size_bytes
+        self._stored.reused.add(chunk.chunk_id)
         return blob
+
+    async def _check_reused(self) -> None:
+        """ClusterError if a chunk this run found stored by an earlier batch is on no healthy
+        node now: a `gc` after a `delete` of the batch that held it can remove it before
+        this batch's rows name it. The same command then resumes and sends it."""
+        reused = self._stored.reused
+        if not reused:
+            return
+        nodes = [n.id for n in self.node_registry.healthy_nodes()]
+        listed: set[str] = set()
+        for found in await asyncio.gather(*(self._listing(n) for n in nodes)):
+            listed |= found & reused
+        gone = len(reused - listed)
+        if gone:
+            raise ClusterError(f"{gone} chunk(s) this batch found stored already are on no "
+                               f"healthy node now (a gc after a delete of the batch that held "
+                               f"them, or their nodes went down); run the same command again "
+                               f"to send them")
 
     async def _record_files(self, batch_id: str) -> None:
         """Write the files ingestion has finished to the manifest, and forget them here:
@@ -652,6 +675,7 @@ class PipelineOrchestrator:
         await self.node_registry.probe()  # a node that died quietly must not count as a holder
         await self.repairs_on_failure.settle()
         early = self.repairs_on_failure.created
+        await self._check_reused()
         repair = await self._final_repair(early) if self.config.storage.repair else None
         await self.repairs_on_failure.settle()  # a node that failed during the final pass
         await storage.flush()
@@ -676,8 +700,8 @@ class PipelineOrchestrator:
         summary = run_summary(self.metrics, facts)
         summary["ingestion"]["skipped_entries"] = self._skipped
         summary["resumed_chunks"] = stats.resumed_chunks
-        # Held at the replication factor already (by an earlier batch, or this one): not
-        # processed, sent or charged again.
+        # Held at the replication factor by an earlier batch already: not processed, sent
+        # or charged again. (The same bytes twice in this batch are not counted here.)
         summary["already_stored"] = {"chunks": self._stored.chunks,
                                      "bytes": self._stored.bytes}
         result = PipelineResult(status="success", batch_id=batch_id,
