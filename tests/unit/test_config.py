@@ -87,7 +87,7 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
     write(tmp_path, "distribution", "timeouts:\n  min_s: 2\n")
     config = load_config(tmp_path)
     assert config.ingestion.chunk_size_mb == 50
-    assert config.ingestion.max_inflight_chunks == 4
+    assert config.ingestion.max_inflight_chunks == 3
     assert config.ingestion.chunk_size_bytes == 50 * 1024 * 1024
     assert config.distribution.timeouts == TimeoutConfig(min_s=2)
     assert config.processing == ProcessingConfig()

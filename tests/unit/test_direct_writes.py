@@ -80,3 +80,13 @@ def test_without_fsync_there_is_no_direct_write(tmp_path: Path) -> None:
     blob[:] = b"hello"
     store.put("12" * 32, blob)
     assert store.get("12" * 32) == b"hello"
+
+
+def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch,
+                                                        ) -> None:
+    from multicloud.core.host import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert not limit_malloc_arenas()
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas()  # glibc, as on every Linux this runs on

@@ -23,6 +23,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ["ingestion", "processing", "distribution", "storage", "cluster"]
 
 
+def defaults() -> PipelineConfig:
+    """The shipped defaults, with the 4 chunks in flight these figures were worked out for."""
+    return load_config(None).replace(ingestion={"max_inflight_chunks": 4})
+
+
 def make_result(busy: dict[str, float], *, duration: float = 10.0, nbytes: int = 100 * MB,
                 chunks: int = 100, batch_id: str = "b1", status: str = "success",
                 network_s: float = 0.0, p50: float = 0.05,
@@ -53,7 +58,7 @@ def make_result(busy: dict[str, float], *, duration: float = 10.0, nbytes: int =
 
 def profiled(*results: PipelineResult, config: PipelineConfig | None = None,
              cores: int = 2) -> PerformanceProfiler:
-    profiler = PerformanceProfiler(config or load_config(None), cores=cores)
+    profiler = PerformanceProfiler(config or defaults(), cores=cores)
     for result in results:
         profiler.record_run(result, source_cloud="aws")
     return profiler
@@ -109,7 +114,7 @@ def test_failed_runs_are_left_out_of_the_analysis() -> None:
 # -- recommendations --------------------------------------------------------------------------
 
 def slow_processing_config() -> PipelineConfig:
-    return load_config(None).replace(processing={"max_workers_per_node": 1,
+    return defaults().replace(processing={"max_workers_per_node": 1,
                                                  "compression": {"level": 19}})
 
 
@@ -145,7 +150,7 @@ def test_no_more_workers_when_the_slots_already_cover_the_cores() -> None:
 
 
 def test_workers_double_while_cores_idle_and_inflight_at_most_doubles() -> None:
-    config = load_config(None).replace(processing={"max_workers_per_node": 2})
+    config = defaults().replace(processing={"max_workers_per_node": 2})
     recs = by_key(profiled(make_result(PROCESSING_HEAVY), config=config,
                            cores=64).recommendations())
     assert "processing.compression.level" not in recs  # already 1
@@ -163,7 +168,7 @@ def test_distribution_bottleneck_raises_inflight_when_the_distribution_limit_is_
 
 
 def test_distribution_bottleneck_raises_the_limit_15_to_25_like_the_request() -> None:
-    config = load_config(None).replace(ingestion={"max_inflight_chunks": 32})
+    config = defaults().replace(ingestion={"max_inflight_chunks": 32})
     recs = by_key(profiled(make_result(DISTRIBUTION_HEAVY), config=config).recommendations())
     limit = recs["distribution.max_concurrent_distributions"]
     assert (limit.current, limit.suggested, limit.section) == (15, 25, "distribution")
@@ -171,14 +176,14 @@ def test_distribution_bottleneck_raises_the_limit_15_to_25_like_the_request() ->
 
 
 def test_distribution_limit_is_capped_at_the_chunks_in_flight() -> None:
-    config = load_config(None).replace(ingestion={"max_inflight_chunks": 8},
+    config = defaults().replace(ingestion={"max_inflight_chunks": 8},
                                        distribution={"max_concurrent_distributions": 1})
     recs = by_key(profiled(make_result(DISTRIBUTION_HEAVY), config=config).recommendations())
     assert recs["distribution.max_concurrent_distributions"].suggested == 8
 
 
 def test_slow_links_with_few_big_chunks_halve_the_chunk_size_100_to_50() -> None:
-    config = load_config(None).replace(cluster={"time_scale": 1.0})
+    config = defaults().replace(cluster={"time_scale": 1.0})
     recs = by_key(profiled(make_result(DISTRIBUTION_HEAVY, chunks=11, network_s=20.0),
                            config=config).recommendations())
     size = recs["ingestion.chunk_size_mb"]
@@ -190,7 +195,7 @@ def test_slow_links_with_few_big_chunks_halve_the_chunk_size_100_to_50() -> None
 
 
 def test_slow_links_with_many_chunks_keep_the_chunk_size() -> None:
-    config = load_config(None).replace(cluster={"time_scale": 1.0})
+    config = defaults().replace(cluster={"time_scale": 1.0})
     recs = by_key(profiled(make_result(DISTRIBUTION_HEAVY, chunks=500, network_s=20.0),
                            config=config).recommendations())
     assert "ingestion.chunk_size_mb" not in recs
@@ -232,7 +237,7 @@ def test_storage_bottleneck_doubles_the_chunk_size_and_keeps_fsync() -> None:
 def test_fsync_is_never_recommended_off(stage: str, fsync: bool) -> None:
     busy = {"ingestion": 1.0, "processing": 1.0, "distribution": 1.0, "storage": 1.0,
             stage: 10.0}
-    config = load_config(None).replace(storage={"fsync": fsync})
+    config = defaults().replace(storage={"fsync": fsync})
     for rec in profiled(make_result(busy), config=config).recommendations():
         if rec.key == "fsync":
             assert rec.suggested is True
@@ -285,7 +290,7 @@ def test_report_without_runs_or_bottleneck() -> None:
 
 
 def test_report_warns_when_fsync_is_off() -> None:
-    config = load_config(None).replace(storage={"fsync": False})
+    config = defaults().replace(storage={"fsync": False})
     assert "`storage.fsync` is off" in profiled(make_result(DISTRIBUTION_HEAVY),
                                                 config=config).generate_report()
 
@@ -344,7 +349,7 @@ def test_apply_writes_a_complete_valid_config_from_the_defaults(tmp_path: Path) 
     assert config.processing.compression.level == 3
     assert config.ingestion.chunk_size_mb == 50
     assert config.storage.fsync is True
-    assert config.distribution == load_config(None).distribution
+    assert config.distribution == defaults().distribution
     processing = (out / "processing_config.yml").read_text()
     assert "max_workers_per_node: 8  # was 4 (multicloud profile)" in processing
     assert "  level: 3  # was 1 (multicloud profile); zstd level" in processing

@@ -133,17 +133,36 @@ def find_invalid_record(chunk: Chunk, data: bytes | memoryview) -> InvalidRecord
         return _check_members(chunk, data)
     if chunk.record_format not in ("jsonl", "csv"):
         return None
-    # Splitting lines needs bytes; a memoryview costs one copy, dropped right after.
-    raw = data if isinstance(data, bytes) else bytes(data)
+    # A memoryview (a chunk read into an aligned buffer) is never copied whole: lines are
+    # split a window at a time, and CSV is counted where it lies.
     if chunk.offset > 0 and chunk.line_prefix is not None:
-        problem = _check_boundary_line(chunk, raw, chunk.line_prefix)
+        problem = _check_boundary_line(chunk, data, chunk.line_prefix)
         if problem is not None:
             return problem
     if chunk.record_format == "jsonl":
-        return _check_jsonl(chunk, raw)
-    if b'"' in raw:
-        return _check_quoted_csv(chunk, raw)
-    return _check_plain_csv(chunk, raw)
+        return _check_jsonl(chunk, data)
+    if _has_quote(data):
+        # The csv module reads bytes: a copy, for CSV with quotes only.
+        return _check_quoted_csv(chunk, data if isinstance(data, bytes) else bytes(data))
+    return _check_plain_csv(chunk, data)
+
+
+def _find_newline(data: bytes | memoryview) -> int:
+    """Where data's first newline is, or -1, without copying all of it."""
+    if isinstance(data, bytes):
+        return data.find(b"\n")
+    for start in range(0, len(data), _JSONL_WINDOW):
+        found = bytes(data[start:start + _JSONL_WINDOW]).find(b"\n")
+        if found >= 0:
+            return start + found
+    return -1
+
+
+def _has_quote(data: bytes | memoryview) -> bool:
+    if isinstance(data, bytes):
+        return b'"' in data
+    return any(b'"' in bytes(data[start:start + _BLOCK])
+               for start in range(0, len(data), _BLOCK))
 
 
 def _check_members(chunk: Chunk, data: bytes | memoryview) -> InvalidRecord | None:
@@ -162,15 +181,16 @@ def _check_members(chunk: Chunk, data: bytes | memoryview) -> InvalidRecord | No
     return dataclasses.replace(found[0], more=tuple(found[1:]))
 
 
-def _check_boundary_line(chunk: Chunk, data: bytes, prefix: bytes) -> InvalidRecord | None:
+def _check_boundary_line(chunk: Chunk, data: bytes | memoryview, prefix: bytes,
+                         ) -> InvalidRecord | None:
     """Check the line the previous chunk began and this one finishes (the rest of the checks
     skip a chunk's first line, which may start mid-line)."""
-    end = data.find(b"\n")
+    end = _find_newline(data)
     if end < 0:
         if not chunk.at_file_end:
             return None  # the line goes on into the next chunk, which checks it
         end = len(data)
-    line = prefix + data[:end]
+    line = prefix + bytes(data[:end])
     if not line.strip(b" \t\r"):
         return None
     where = f"the line ending at byte {chunk.offset + end} of the file"
@@ -189,8 +209,8 @@ def _check_boundary_line(chunk: Chunk, data: bytes, prefix: bytes) -> InvalidRec
     return None
 
 
-def _tail_is_partial(chunk: Chunk, data: bytes) -> bool:
-    return not chunk.at_file_end and not data.endswith(b"\n")
+def _tail_is_partial(chunk: Chunk, data: bytes | memoryview) -> bool:
+    return not chunk.at_file_end and data[-1:] != b"\n"
 
 
 def _json_parser() -> simdjson.Parser:
@@ -201,7 +221,7 @@ def _json_parser() -> simdjson.Parser:
     return parser
 
 
-def _check_jsonl(chunk: Chunk, data: bytes) -> InvalidRecord | None:
+def _check_jsonl(chunk: Chunk, data: bytes | memoryview) -> InvalidRecord | None:
     """Every complete non-blank line must be one JSON document.
 
     Lines are split a window of whole lines at a time: the lines of a 100 MiB chunk split
@@ -212,15 +232,14 @@ def _check_jsonl(chunk: Chunk, data: bytes) -> InvalidRecord | None:
     parse = _json_parser().parse
     before = start = 0  # lines and bytes before the window
     while True:
-        end = len(data)
-        if end - start > _JSONL_WINDOW:
-            cut = data.rfind(b"\n", start, start + _JSONL_WINDOW)
-            if cut < 0:  # a line longer than a window: the window is that line
-                cut = data.find(b"\n", start + _JSONL_WINDOW)
-            end = end if cut < 0 else cut + 1
-        lines = data[start:end].split(b"\n")
+        end = min(len(data), start + _JSONL_WINDOW)
+        window = bytes(data[start:end])  # a copy of a window, whether data is bytes or not
+        while end < len(data) and b"\n" not in window:  # a line longer than a window
+            end = min(len(data), end + _JSONL_WINDOW)
+            window = bytes(data[start:end])
+        lines = window.split(b"\n")
         if end < len(data):
-            lines.pop()  # the empty piece after the window's last newline
+            end -= len(lines.pop())  # the unfinished line after the window's last newline
         first = 1 if skip_first and before == 0 else 0
         stop = len(lines) - 1 if skip_last and end == len(data) else len(lines)
         # simdjson validates each line fully without building Python objects: 360 MB/s
@@ -259,7 +278,7 @@ def _locate_json(chunk: Chunk, lines: list[bytes], first: int, stop: int, before
     return None
 
 
-def _check_plain_csv(chunk: Chunk, data: bytes) -> InvalidRecord | None:
+def _check_plain_csv(chunk: Chunk, data: bytes | memoryview) -> InvalidRecord | None:
     """Field counts of unquoted CSV, counted with numpy: a field per comma, plus one."""
     import numpy as np  # only CSV needs it; keeps the CLI's start-up short
 

@@ -45,7 +45,7 @@ class IngestionConfig(_Strict):
     chunk_size_mb: float = Field(100.0, gt=0, allow_inf_nan=False,
                                  description="chunk size in MiB")
     max_inflight_chunks: int = Field(
-        4, ge=1, description="full chunks of bytes between read and commit; bounds memory"
+        3, ge=1, description="full chunks of bytes between read and commit; bounds memory"
     )
     read_ahead: int = Field(2, ge=1, description="chunks read and hashed at once")
     pack_below_mb: float = Field(

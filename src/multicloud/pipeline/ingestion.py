@@ -27,6 +27,7 @@ import asyncio
 import csv
 import hashlib
 import itertools
+import os
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from multicloud.core import clock
+from multicloud.core.buffers import aligned
 from multicloud.core.config import IngestionConfig
 from multicloud.core.errors import SourceError
 from multicloud.core.types import Chunk, FileEntry, PackMember
@@ -76,9 +78,20 @@ def _read(path: Path, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
-def _read_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, str, str]:
+def _read_into(path: Path, offset: int, size: int) -> memoryview:
+    """size bytes of path from offset (fewer at its end), in a buffer of huge pages: a
+    chunk-sized `bytes` would cost a page fault every 4 KiB, more than the read itself."""
+    buffer = aligned(size)
+    got = 0
+    with path.open("rb", buffering=0) as handle:
+        while got < size and (n := os.preadv(handle.fileno(), [buffer[got:]], offset + got)):
+            got += n
+    return buffer[:got]
+
+
+def _read_and_hash(path: Path, offset: int, size: int) -> tuple[memoryview, str, str]:
     """The bytes, their SHA-256 (the chunk id) and their xxh3-128 (for the transit check)."""
-    data = _read(path, offset, size)
+    data = _read_into(path, offset, size)
     return data, hashlib.sha256(data).hexdigest(), xxhash.xxh3_128_hexdigest(data)
 
 

@@ -25,6 +25,7 @@ from multicloud.comm.cluster import Cluster
 from multicloud.core.auth import TOKEN_ENV, resolve_token
 from multicloud.core.config import PipelineConfig, load_config
 from multicloud.core.errors import MulticloudError, UsageError
+from multicloud.core.host import limit_malloc_arenas
 from multicloud.core.types import PipelineResult
 from multicloud.core.units import display_path, format_bytes, parse_size
 from multicloud.pipeline.maintenance import GC_GRACE_S, MaintenanceReport
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    limit_malloc_arenas()  # before any thread: see its docstring
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
