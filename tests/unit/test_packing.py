@@ -89,7 +89,9 @@ async def test_a_pack_is_read_again_from_its_files_for_a_retry(tmp_path: Path) -
     _, [pack] = await ingest(root)
     pack.data = None
     assert await read_chunk_bytes(pack) == b"alpha\nbeta\n"
-    (root / "b.txt").write_bytes(b"beta, changed\n")
+    (root / "b.txt").write_bytes(b"beta, grown\n")  # cut at its listed size, as chunks are
+    assert await read_chunk_bytes(pack) == b"alpha\nbeta,"
+    (root / "b.txt").write_bytes(b"b\n")
     with pytest.raises(SourceError, match=r"b\.txt changed while it was read"):
         await read_chunk_bytes(pack)
     (root / "a.txt").unlink()

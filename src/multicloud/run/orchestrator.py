@@ -248,9 +248,11 @@ class PipelineOrchestrator:
                 return await self._already_done(batch_id)
             begun = True
             renewal = asyncio.create_task(self._renew_lease(batch_id))
-            committed = await self._committed(batch_id) if mode == "resume" else {}
+            committed, packs = await self._committed(batch_id) if mode == "resume" \
+                else ({}, set())
             self.storage_manager.begin(batch_id)
-            await self.storage_manager.remember_committed(ref[2] for ref in committed.values())
+            await self.storage_manager.remember_committed(
+                {ref[2] for ref in committed.values()} | packs)
             await self.storage_manager.load_node_usage()
             await self.processing_pool.configure_nodes()
             self._skipped = [{"file": e.path, "kind": e.kind, "reason": e.reason}
@@ -325,8 +327,10 @@ class PipelineOrchestrator:
                               f"{describe_owner(record.owner)} while this run stalled; "
                               f"its run decides the batch")
 
-    async def _committed(self, batch_id: str) -> dict[tuple[str, int], tuple[int, int, str]]:
-        """The chunks an earlier run of the batch committed, as ingestion skips them."""
+    async def _committed(self, batch_id: str,
+                         ) -> tuple[dict[tuple[str, int], tuple[int, int, str]], set[str]]:
+        """The chunks an earlier run of the batch committed, as ingestion skips them, and
+        the packs of small files it committed (made again, then found committed)."""
         manifest = self.storage_manager.manifest
 
         def read() -> tuple[list[ChunkRecord], dict[str, list[str]]]:
@@ -335,16 +339,18 @@ class PipelineOrchestrator:
 
         records, held = await asyncio.to_thread(read)
         if not records:
-            return {}
+            return {}, set()
         # Skipped only where a node still lists it: a chunk whose copies went meanwhile
         # (a gc elsewhere, a lost disk) is read and sent again, not taken on trust.
         nodes = sorted({n for holders in held.values() for n in holders})
         listed = dict(zip(nodes, await asyncio.gather(*(self._listing(n) for n in nodes)),
                           strict=True))
+        kept = [r for r in records if any(r.chunk_id in listed[n] for n in held[r.chunk_id])]
         # A file packed with others is not resumed on its own: its pack is made again
-        # (whatever the pack settings are now), and is stored already if it comes out the same.
-        return {(r.path, r.index): (r.offset, r.size, r.chunk_id) for r in records
-                if r.whole and any(r.chunk_id in listed[n] for n in held[r.chunk_id])}
+        # (whatever the pack settings are now), and is committed already if it comes out
+        # the same.
+        return ({(r.path, r.index): (r.offset, r.size, r.chunk_id) for r in kept if r.whole},
+                {r.chunk_id for r in kept if not r.whole})
 
     async def _listing(self, node_id: str) -> set[str]:
         """The objects a node holds (none when it is down or does not answer)."""
