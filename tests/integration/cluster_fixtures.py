@@ -285,6 +285,15 @@ class ProcessCluster:
                 process.wait(timeout=STOP_GRACE_S)
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> Path:
+    """Write files (relative path -> bytes) under root; root."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
 def tree(root: Path) -> dict[str, bytes]:
     """Relative path (forward slashes) -> bytes of every regular file under root, or root."""
     if root.is_file():

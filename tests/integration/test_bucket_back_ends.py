@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import ProcessCluster, assert_same_tree, write_config_dir
+from cluster_fixtures import ProcessCluster, assert_same_tree, write_config_dir, write_files
 
 from multicloud import (
     Cluster,
@@ -76,14 +76,6 @@ async def orchestrators(cluster: Cluster, config: PipelineConfig,
     yield make
     for orch in made:
         await orch.close()
-
-
-def write_files(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 @pytest.fixture

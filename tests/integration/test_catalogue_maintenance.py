@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import write_files
 
 from multicloud import Cluster, PipelineConfig, PipelineOrchestrator, create_local_cluster
 from multicloud.blob import decode_blob
@@ -60,15 +61,6 @@ async def orchestrators(cluster: Cluster, config: PipelineConfig,
     yield made
     for orch in list(made.open):
         await made.close(orch)
-
-
-def write_files(root: Path, files: dict[str, bytes]) -> Path:
-    """Write files (relative path -> bytes) under root; root."""
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 async def run(orch: PipelineOrchestrator, batch_id: str, source: Path) -> None:

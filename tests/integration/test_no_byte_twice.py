@@ -7,19 +7,11 @@ import json
 import random
 from pathlib import Path
 
-from cluster_fixtures import assert_same_tree
+from cluster_fixtures import assert_same_tree, write_files
 
 from multicloud import Cluster, PipelineConfig, PipelineOrchestrator
 
 CHUNK = 64 * 1024
-
-
-def write(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def records(n: int, seed: int) -> bytes:
@@ -34,7 +26,7 @@ def dataset(root: Path) -> Path:
              "logs/app.jsonl": records(3000, 1),  # several chunks, lines across them
              "tables/t.csv": b"a,b\n" + b"".join(b"%d,%d\n" % (i, i * i) for i in range(9000))}
     files.update({f"small/{i:03d}.jsonl": records(3, i) for i in range(40)})
-    return write(root, files)
+    return write_files(root, files)
 
 
 async def run(orchestrator: PipelineOrchestrator, batch_id: str, source: Path) -> dict:
@@ -110,7 +102,7 @@ async def test_small_files_travel_in_packs_and_come_back_exact(
              for i in range(300)}
     files["d0/empty.txt"] = b""
     files["d1/dup-a.bin"] = files["d1/dup-b.bin"] = b"same bytes twice"
-    source = write(tmp_path / "src", files)
+    source = write_files(tmp_path / "src", files)
 
     result = await run(orchestrator, "small", source)
 

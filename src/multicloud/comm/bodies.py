@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 
-HUGE_PAGE = 2 * 1024 * 1024  # capacities are multiples, so the kernel can back them whole
+from multicloud.core.buffers import HUGE_PAGE, anonymous
+
 KEEP_BYTES = 256 * 1024 * 1024  # idle buffers a node keeps, in all (a few chunks' worth)
 
 
@@ -77,9 +78,8 @@ class BodyBuffers:
             backing = min(fits, key=len)
             self._idle.remove(backing)
         else:
-            capacity = -(-size // HUGE_PAGE) * HUGE_PAGE
-            backing = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            _advise(backing, "MADV_HUGEPAGE")
+            # Whole huge pages, so that the kernel can back the buffer with them.
+            backing = anonymous(-(-size // HUGE_PAGE) * HUGE_PAGE)
             self.allocated += 1
         # The rest of the last page goes to disk with a direct write before the store cuts
         # the file to size: zeros there, not a byte of an earlier body.

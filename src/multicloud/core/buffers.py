@@ -24,19 +24,24 @@ def round_up(size: int) -> int:
     return max(PAGE, -(-size // PAGE) * PAGE)
 
 
-def aligned(size: int) -> memoryview:
-    """A writable buffer of size bytes that starts on a page boundary; the rest of its last
-    page is padding, outside the view (anonymous memory: zeroed, freed with the view).
+def anonymous(capacity: int) -> mmap.mmap:
+    """capacity bytes (whole pages) of zeroed memory that start on a page boundary.
 
-    Private, and advised to use huge pages: Python's default for an anonymous mmap is
-    shared memory, which costs several times more to fill (0.9 s a GiB here, against
-    0.1-0.2 s for private memory in huge pages).
+    Private, and advised to use huge pages when large: Python's default for an anonymous
+    mmap is shared memory, which costs several times more to fill (0.9 s a GiB here,
+    against 0.1-0.2 s for private memory in huge pages).
     """
-    backing = mmap.mmap(-1, round_up(size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size >= HUGE_PAGE:
+    backing = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if capacity >= HUGE_PAGE:
         with contextlib.suppress(OSError):  # a kernel without transparent huge pages
             backing.madvise(mmap.MADV_HUGEPAGE)
-    return memoryview(backing)[:size]
+    return backing
+
+
+def aligned(size: int) -> memoryview:
+    """A writable buffer of size bytes that starts on a page boundary; the rest of its last
+    page is padding, outside the view (`anonymous` memory, freed with the view)."""
+    return memoryview(anonymous(round_up(size)))[:size]
 
 
 def padded(view: bytes | memoryview) -> memoryview | None:

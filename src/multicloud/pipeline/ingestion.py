@@ -72,12 +72,6 @@ def line_carry(prefix: bytes | None, data: bytes | memoryview) -> bytes | None:
     return prefix + bytes(view)
 
 
-def _read(path: Path, offset: int, size: int) -> bytes:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
-
-
 def _read_into(path: Path, offset: int, size: int) -> memoryview:
     """size bytes of path from offset (fewer at its end), in a buffer of huge pages: a
     chunk-sized `bytes` would cost a page fault every 4 KiB, more than the read itself."""
@@ -230,6 +224,31 @@ async def _plan(files: Iterable[SourceFile], size: int) -> AsyncIterator[_Piece]
                 yield piece
 
 
+async def _packed(pieces: AsyncIterator[_Piece], below: int, size: int,
+                  ) -> AsyncIterator[_Piece]:
+    """pieces, with the whole files under `below` bytes gathered into packs of up to
+    `size` bytes, each pack handed on once the next file does not fit, or at the end."""
+    packing: list[SourceFile] = []
+    packed = 0
+    async for piece in pieces:
+        if not piece.can_pack(below):
+            yield piece
+            continue
+        if packed + piece.length > size:
+            yield _pack(packing, packed)
+            packing, packed = [], 0
+        packing.append(piece.file)
+        packed += piece.length
+    if packing:
+        yield _pack(packing, packed)
+
+
+def _pack(files: list[SourceFile], length: int) -> _Piece:
+    if len(files) == 1:  # alone: a chunk like any other
+        return _Piece(files[0], 0, 0, length)
+    return _Piece(files[0], 0, 0, length, tuple(files))
+
+
 @dataclass
 class IngestionStats:
     """What ingestion has done so far."""
@@ -293,76 +312,40 @@ class DataIngestionEngine:
         with `source_ref` set and no id, for a node to read (see `identified`).
         """
         size = self.config.chunk_size_bytes
-        pack_below, pack_size = self.config.pack_below_bytes, self.config.pack_size_bytes
         window: deque[tuple[_Piece, asyncio.Task[_Read]]] = deque()
         progress = self._progress
-        packing: list[SourceFile] = []
-        packed_bytes = 0
-
-        def start(piece: _Piece) -> None:
-            window.append((piece, asyncio.create_task(self._read(piece))))
-
-        def pack() -> _Piece:
-            nonlocal packing, packed_bytes
-            if len(packing) == 1:  # alone: a chunk like any other
-                piece = _Piece(packing[0], 0, 0, packed_bytes)
-                progress[piece.file.rel_path] = _FileProgress(piece.file)
-            else:
-                piece = _Piece(packing[0], 0, 0, packed_bytes, tuple(packing))
-            packing, packed_bytes = [], 0
-            return piece
-
         try:
-            async for piece in _plan(files, size):
-                if piece.can_pack(pack_below):
-                    # Not resumed from `committed`: its pack is made again (small files are
-                    # cheap to read), and rows of the run before are replaced.
-                    if packed_bytes + piece.length > pack_size:
-                        full = pack()
-                        while inflight is not None and inflight.would_block(full.length) \
-                                and window:
+            async for piece in _packed(_plan(files, size), self.config.pack_below_bytes,
+                                       self.config.pack_size_bytes):
+                if not piece.packed:
+                    # (A pack is not resumed from `committed`: it is made again, small
+                    # files being cheap to read, and rows of the run before are replaced.)
+                    state = progress.get(piece.file.rel_path)
+                    if state is None:
+                        state = progress[piece.file.rel_path] = _FileProgress(piece.file)
+                    if piece.length == 0:
+                        self._file_done(piece.file, state)
+                        continue
+                    done = (committed.get((piece.file.rel_path, piece.index)) if committed
+                            else None)
+                    if done is not None and done[:2] == (piece.offset, piece.length):
+                        # Chunks before it finish first, so the file's ids stay in order.
+                        while window:
                             yield await self._complete(*window.popleft(), source_cloud,
                                                        progress)
-                        if inflight is not None:
-                            await inflight.acquire(full.length)
-                        start(full)
-                        if len(window) >= self.config.read_ahead:
-                            yield await self._complete(*window.popleft(), source_cloud,
-                                                       progress)
-                    packing.append(piece.file)
-                    packed_bytes += piece.length
-                    continue
-                state = progress.get(piece.file.rel_path)
-                if state is None:
-                    state = progress[piece.file.rel_path] = _FileProgress(piece.file)
-                if piece.length == 0:
-                    self._file_done(piece.file, state)
-                    continue
-                done = committed.get((piece.file.rel_path, piece.index)) if committed else None
-                if done is not None and done[:2] == (piece.offset, piece.length):
-                    # Chunks before it finish first, so the file's ids stay in order.
-                    while window:
-                        yield await self._complete(*window.popleft(), source_cloud, progress)
-                    self._skip(piece, state, done[2])
-                    continue
+                        self._skip(piece, state, done[2])
+                        continue
                 # Never block on a slot while holding chunks the consumer has not seen.
                 while inflight is not None and inflight.would_block(piece.length) and window:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
                 if inflight is not None:
                     await inflight.acquire(piece.length)
                 if piece.file.ref is not None:
-                    yield self._reference(piece, state, source_cloud)
+                    yield self._reference(piece, progress[piece.file.rel_path], source_cloud)
                     continue
-                start(piece)
+                window.append((piece, asyncio.create_task(self._read(piece))))
                 if len(window) >= self.config.read_ahead:
                     yield await self._complete(*window.popleft(), source_cloud, progress)
-            if packing:
-                last = pack()
-                while inflight is not None and inflight.would_block(last.length) and window:
-                    yield await self._complete(*window.popleft(), source_cloud, progress)
-                if inflight is not None:
-                    await inflight.acquire(last.length)
-                start(last)
             while window:
                 yield await self._complete(*window.popleft(), source_cloud, progress)
         finally:
@@ -536,7 +519,7 @@ async def read_chunk_bytes(chunk: Chunk) -> bytes | memoryview:
     if chunk.path is None:
         raise SourceError(f"chunk {chunk.index} of {chunk.file} has no data and no source path")
     try:
-        data = await asyncio.to_thread(_read, chunk.path, chunk.offset, chunk.size_bytes)
+        data = await asyncio.to_thread(_read_into, chunk.path, chunk.offset, chunk.size_bytes)
     except OSError as exc:
         raise SourceError(f"cannot re-read {chunk.path}: {exc.strerror}") from exc
     if len(data) != chunk.size_bytes:
